@@ -1,0 +1,32 @@
+"""Entry points: compose the config with Hydra, call the runner, return its metric. Nothing else."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def config_dir() -> str:
+    """`conf/` of a checkout, or `lcm_exp/conf` of a wheel install (the same files, see pyproject.toml)."""
+    return str((Path(__file__).parent / "conf").resolve())
+
+
+def _main(config_name: str, task):
+    import hydra
+
+    from .config import register
+
+    register()
+    return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)()
+
+
+def _train(cfg):
+    from .runner import run
+
+    return run(cfg)
+
+
+def train():
+    """`lcm-exp [overrides]`: the main job."""
+    return _main("config", _train)

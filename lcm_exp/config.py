@@ -1,0 +1,204 @@
+"""Typed schemas of the config groups, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` puts `lcm_exp_schema` first in its defaults list, so every
+group option is merged onto its dataclass below: a misspelt key or a value of
+the wrong type fails at composition, naming the key. Constraints between values
+(`skip.k >= 1`, `guidance.w_min <= guidance.w_max`, ...) are checked by
+`validate()` right after composition, before any model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class TeacherConfig:
+    _target_: str = "lcm_exp.teachers.load_teacher"
+    name: str = MISSING
+    pretrained: Optional[str] = None  # diffusers folder or hub id; null = build (tiny teachers)
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    vae: Optional[str] = None  # alternative VAE folder or hub id
+    cast_to_mixed_precision: bool = True  # run the frozen teacher in the mixed-precision dtype
+    cache_dir: str = "~/.cache/lcm_exp"  # where built tiny teachers and datasets are kept
+    arch: Dict[str, Any] = field(default_factory=dict)  # architecture of a teacher built from config
+    build: Dict[str, Any] = field(default_factory=dict)  # recipe of a teacher trained by the project
+
+
+@dataclass
+class StudentConfig:
+    _target_: str = MISSING
+    time_cond_proj_dim: int = 256  # width of the guidance (w) embedding fed as timestep_cond
+    sigma_data: float = 0.5  # boundary scalings c_skip/c_out (LCM paper eq. 9 / CM appendix C)
+    timestep_scaling: float = 10.0
+    stochastic_depth: float = 0.0  # probability of dropping a whole residual block in training
+    lora_rank: int = 64
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    lora_target_modules: List[str] = field(default_factory=list)
+    ema_target: bool = True  # LoRA only: keep an EMA target (the full student always has one)
+
+
+@dataclass
+class SolverConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class LossConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    huber_c: float = 0.001
+
+
+@dataclass
+class GuidanceConfig:
+    _target_: str = "lcm_exp.guidance.UniformGuidance"
+    w_min: float = 5.0
+    w_max: float = 15.0
+
+
+@dataclass
+class EMAConfig:
+    _target_: str = "lcm_exp.ema.EMA"
+    _partial_: bool = True
+    decay: float = 0.95
+
+
+@dataclass
+class SkipConfig:
+    _target_: str = "lcm_exp.skip.SkipSchedule"
+    _partial_: bool = True
+    k: int = 20
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    urls: Optional[str] = None  # shards: local paths, brace ranges, pipe:, s3:// ...
+    resolution: int = 64
+    num_samples: int = 5000  # shapes: size of the generated training set
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = 0
+    min_size: int = 0
+    min_aesthetic: Optional[float] = None
+    max_pwatermark: Optional[float] = None
+    cache_dir: str = "~/.cache/lcm_exp"
+
+
+@dataclass
+class OptimConfig:
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    _target_: str = "lcm_exp.trainer.Trainer"
+    _partial_: bool = True
+    max_steps: int = 200
+    batch_size: int = 8
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_accumulation_steps: int = 1
+    cpu: bool = False  # force the CPU even where a GPU is present
+    log_every: int = 10
+    validation_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # 0 = no intermediate checkpoints
+    checkpoints_total_limit: Optional[int] = 2
+    resume: Optional[str] = None  # null | latest | path to a checkpoint folder
+    output_dir: str = "."  # relative to the job's working dir (Hydra's run dir)
+
+
+@dataclass
+class TrackingConfig:
+    _target_: str = "lcm_exp.tracking.MLflowTracker"
+    uri: Optional[str] = None  # null = sqlite:///<abs path of mlflow.db in the start folder>
+    experiment: str = "lcm-distill"
+    run_name: Optional[str] = None
+    enabled: bool = True
+
+
+@dataclass
+class EvalConfig:
+    _target_: str = "lcm_exp.evaluation.Evaluator"
+    _partial_: bool = True
+    steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    num_prompts: int = 16
+    reference_steps: int = 50
+    seed: int = 1234
+    w: Optional[float] = None  # LCM w used at evaluation; null = middle of the training range
+    objective: str = "eval/student_4step/psnr_to_ref"
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = MISSING
+    student: StudentConfig = MISSING
+    solver: SolverConfig = MISSING
+    loss: LossConfig = MISSING
+    guidance: GuidanceConfig = MISSING
+    ema: EMAConfig = MISSING
+    skip: SkipConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    eval: EvalConfig = MISSING
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="lcm_exp_schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A value a user set that cannot work; the message says which key and what to do."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check constraints between values, before anything is loaded."""
+    checks = [
+        (cfg.skip.k >= 1, "skip.k", cfg.skip.k, "an integer >= 1 (the LCM default is 20)"),
+        (cfg.guidance.w_min <= cfg.guidance.w_max, "guidance.w_min",
+         f"{cfg.guidance.w_min} > guidance.w_max={cfg.guidance.w_max}", "w_min <= w_max"),
+        (cfg.guidance.w_min >= 0, "guidance.w_min", cfg.guidance.w_min, ">= 0 (w=0 is the conditional model)"),
+        (0.0 <= cfg.ema.decay <= 1.0, "ema.decay", cfg.ema.decay, "a number in [0, 1]"),
+        (cfg.loss.huber_c > 0, "loss.huber_c", cfg.loss.huber_c, "> 0"),
+        (cfg.trainer.max_steps >= 0, "trainer.max_steps", cfg.trainer.max_steps, ">= 0"),
+        (cfg.trainer.batch_size >= 1, "trainer.batch_size", cfg.trainer.batch_size, ">= 1"),
+        (cfg.trainer.gradient_accumulation_steps >= 1, "trainer.gradient_accumulation_steps",
+         cfg.trainer.gradient_accumulation_steps, ">= 1"),
+        (cfg.trainer.mixed_precision in ("no", "fp16", "bf16"), "trainer.mixed_precision",
+         cfg.trainer.mixed_precision, "one of no, fp16, bf16"),
+        (cfg.trainer.resume in (None, "latest") or "/" in str(cfg.trainer.resume) or "checkpoint-" in str(cfg.trainer.resume),
+         "trainer.resume", cfg.trainer.resume, "null, latest, or the path of a checkpoint-<step> folder"),
+        (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "> 0"),
+        (0.0 <= cfg.student.stochastic_depth < 1.0, "student.stochastic_depth", cfg.student.stochastic_depth,
+         "a probability in [0, 1)"),
+        (cfg.student.lora_rank >= 1, "student.lora_rank", cfg.student.lora_rank, ">= 1"),
+        (cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0, "data.resolution", cfg.data.resolution,
+         "a multiple of 8"),
+        (all(int(s) >= 1 for s in cfg.eval.steps), "eval.steps", list(cfg.eval.steps), "step counts >= 1"),
+    ]
+    for ok, key, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"Invalid value for {key}: {value}. Expected {expected}. Fix it with an override, "
+                              f"e.g. `lcm-exp {key}=...`.")

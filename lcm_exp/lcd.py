@@ -1,0 +1,115 @@
+"""Latent consistency distillation: one training step, as LCM (Luo et al. 2023) Algorithm 1 states it.
+
+Equation numbers refer to the LCM paper (arXiv:2310.04378); "CM" to Song et al.
+2023, Consistency Models (arXiv:2303.01469).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .guidance import UniformGuidance, guidance_embedding
+from .skip import SkipSchedule
+
+
+def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """c_skip(t), c_out(t) of the consistency parameterisation (CM eq. 7, LCM eq. 3), with t scaled by s so that
+    c_skip(0) = 1 and c_out(0) = 0 (the boundary condition f(x, 0) = x) while c_skip → 0 quickly away from 0."""
+    st = timestep_scaling * t.double()
+    c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
+    c_out = st / (st ** 2 + sigma_data ** 2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
+def x0_and_eps(model_output: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor, alphas_cumprod: torch.Tensor,
+               prediction_type: str):
+    """Inverts z_t = √ᾱ x0 + √(1−ᾱ) ε (the forward process, LCM eq. 1) for the model's parameterisation."""
+    a = _bcast(alphas_cumprod[t], z_t)
+    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (z_t - s1a * eps) / sa
+    elif prediction_type == "v_prediction":  # v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022)
+        x0 = sa * z_t - s1a * model_output
+        eps = sa * model_output + s1a * z_t
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (z_t - sa * x0) / s1a
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return x0, eps
+
+
+@dataclass
+class LCD:
+    """The parts of latent consistency distillation; `loss(...)` is one step of Algorithm 1."""
+
+    student: torch.nn.Module  # f_θ, the online consistency model (a UNet with time_cond_proj_dim)
+    target: torch.nn.Module  # f_θ⁻, EMA of the student
+    teacher: torch.nn.Module  # the frozen teacher UNet (ε or v prediction)
+    alphas_cumprod: torch.Tensor  # ᾱ_t of the teacher's noise schedule, on the training device
+    prediction_type: str
+    solver: Callable  # Φ: solvers.ddim / euler / heun
+    skip: SkipSchedule
+    guidance: UniformGuidance
+    distance: Callable  # d(·,·): losses.l2 / huber, its constant c bound
+    w_embedding_dim: int = 256
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    teacher_dtype: torch.dtype = torch.float32
+    batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
+
+    def consistency_fn(self, unet, z, t, w_emb, cond):
+        """f(z, w, c, t) = c_skip(t) z + c_out(t) x̂0(z, t) (LCM eq. 3 with guidance w, eq. 7)."""
+        c_skip, c_out = boundary_scalings(t, self.sigma_data, self.timestep_scaling)
+        out = unet(z, t, timestep_cond=w_emb, **cond).sample
+        x0, _ = x0_and_eps(out, t, z, self.alphas_cumprod, self.prediction_type)
+        return _bcast(c_skip, z) * z + _bcast(c_out, z) * x0
+
+    def guided_teacher(self, cond, uncond, w):
+        """x̂ with classifier-free guidance in the LCM form (eq. 6), applied to both x0 and ε:
+        x̂ = x̂_c + w (x̂_c − x̂_u)."""
+        w = w.view(-1, 1, 1, 1)
+
+        def denoise(z, t):
+            zt = z.to(self.teacher_dtype)
+            if self.batched_cfg:
+                both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+                out_c, out_u = self.teacher(torch.cat([zt, zt]), torch.cat([t, t]), **both).sample.float().chunk(2)
+            else:
+                out_c = self.teacher(zt, t, **cond).sample.float()
+                out_u = self.teacher(zt, t, **uncond).sample.float()
+            x0_c, eps_c = x0_and_eps(out_c, t, z, self.alphas_cumprod, self.prediction_type)
+            x0_u, eps_u = x0_and_eps(out_u, t, z, self.alphas_cumprod, self.prediction_type)
+            return x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+
+        return denoise
+
+    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, generator: torch.Generator | None = None):
+        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1)."""
+        bsz, device = latents.shape[0], latents.device
+        # Sample n ~ U[1, N − 1]: the pair (t_{n+k}, t_n) on the skipping-step DDIM grid (§4.3).
+        t, t_prev = (x.to(device) for x in self.skip.sample(bsz, generator))
+        # z_{t_{n+k}} ~ N(√ᾱ z, (1 − ᾱ) I) (eq. 1).
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu")
+        noise = noise.to(device, latents.dtype)
+        a = _bcast(self.alphas_cumprod[t], latents)
+        z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+        # ω ~ U[ω_min, ω_max], embedded as the student's timestep condition (§4.2).
+        w = self.guidance.sample(bsz, device, generator)
+        w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype)
+        # Online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7).
+        f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
+        with torch.no_grad():
+            # ẑ_{t_n} = z_{t_{n+k}} + (1 + ω) Φ(...) − ω Φ(..., ∅): the guided solver step (eq. 8).
+            z_prev = self.solver(self.guided_teacher(cond, uncond, w), z_t, t, t_prev, self.alphas_cumprod)
+            # Target f_θ⁻(ẑ_{t_n}, ω, c, t_n) with the EMA weights.
+            f_target = self.consistency_fn(self.target, z_prev.to(latents.dtype), t_prev, w_emb, cond)
+        # L = d(f_θ, f_θ⁻) (eq. 8), l2 or pseudo-Huber.
+        return self.distance(f_online.float(), f_target.float())

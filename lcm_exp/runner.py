@@ -1,0 +1,127 @@
+"""The generic runner: compose every config group into its component, train, evaluate, return the objective."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, validate
+from .lcd import LCD
+from .optim import lr_schedule
+
+log = logging.getLogger(__name__)
+# Keys that do not change what is trained: a checkpoint of the same config with other values of these resumes.
+RESUME_IGNORES = ("trainer.resume", "trainer.max_steps", "trainer.checkpoint_every", "trainer.checkpoints_total_limit",
+                  "trainer.log_every", "trainer.validation_every", "trainer.output_dir", "tracking", "eval")
+
+
+def hydra_dirs() -> tuple[Path, Path]:
+    """(start folder, this job's output folder), from Hydra when it runs us, else the working directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        rt = HydraConfig.get().runtime
+        return Path(rt.cwd), Path(rt.output_dir)
+    return Path.cwd(), Path.cwd()
+
+
+def config_key(cfg: DictConfig) -> str:
+    """A hash of what determines the training trajectory, to match checkpoints for `trainer.resume=latest`."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in RESUME_IGNORES:
+        *parents, leaf = dotted.split(".")
+        node = c
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_checkpoint(resume: str | None, key: str, start_dir: Path, out_dir: Path) -> Path | None:
+    """`latest`: the newest checkpoint of this same configuration among this start folder's runs
+    (outputs/ and multirun/, or this job's folder); else a given checkpoint folder."""
+    if not resume:
+        return None
+    if resume != "latest":
+        path = Path(resume).expanduser()
+        if not (path / "trainer_state.json").exists():
+            raise ConfigError(f"trainer.resume={resume}: no checkpoint there (no trainer_state.json). Give a "
+                              "checkpoint-<step> folder or trainer.resume=latest.")
+        return path
+    roots = {out_dir, start_dir / "outputs", start_dir / "multirun"}
+    found = []
+    for root in roots:
+        for state in root.glob("**/checkpoints/checkpoint-*/trainer_state.json"):
+            try:
+                meta = json.loads(state.read_text())
+            except (OSError, ValueError):
+                continue
+            if meta.get("config_key") == key:
+                found.append((meta["step"], state.stat().st_mtime, state.parent))
+    if not found:
+        log.warning("trainer.resume=latest: no checkpoint of this configuration under %s; starting from step 0",
+                    start_dir)
+        return None
+    return max(found)[2]
+
+
+def run(cfg: DictConfig) -> float:
+    """Distils with the composed config; returns the objective (eval.objective, or the final train loss)."""
+    validate(cfg)
+    start_dir, out_dir = hydra_dirs()
+    trainer = instantiate(cfg.trainer)(output_dir=str(out_dir / cfg.trainer.output_dir))
+    acc = trainer.accelerator
+    key = config_key(cfg)
+    resume_from = find_checkpoint(cfg.trainer.resume, key, start_dir, out_dir)
+    resumed_state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
+
+    tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
+    if not acc.is_main_process:
+        tracker.enabled = False
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags=run_tags(cfg), run_id=resumed_state.get("mlflow_run_id"))
+    status = "FAILED"
+    try:
+        teacher = instantiate(cfg.teacher).to(acc.device, trainer.weight_dtype)
+        student = instantiate(cfg.student, teacher=teacher)
+        student.unet.to(acc.device)
+        ema = instantiate(cfg.ema)(online=student.unet)
+        lcd = LCD(student=student.unet, target=ema.target, teacher=teacher.unet,
+                  alphas_cumprod=teacher.scheduler.alphas_cumprod.to(acc.device), prediction_type=teacher.prediction_type,
+                  solver=instantiate(cfg.solver), skip=instantiate(cfg.skip)(num_train_timesteps=teacher.num_train_timesteps),
+                  guidance=instantiate(cfg.guidance), distance=instantiate(cfg.loss),
+                  w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
+                  timestep_scaling=student.timestep_scaling,
+                  teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32)
+        optimizer = instantiate(cfg.optim)(params=student.trainable_parameters())
+        n = acc.num_processes  # accelerate steps a prepared scheduler once per process
+        scheduler = lr_schedule(optimizer, cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps * n, cfg.trainer.max_steps * n)
+        data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size, rank=acc.process_index,
+                                     world_size=acc.num_processes)
+        stats = trainer.fit(lcd, teacher, student, ema, optimizer, scheduler, data, tracker,
+                            max_grad_norm=cfg.optim.max_grad_norm, resume_from=resume_from,
+                            ckpt_extra={"config_key": key, "mlflow_run_id": tracker.run_id})
+        objective = float(stats.get("train/loss", float("nan")))
+        status = "FINISHED"
+        log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
+        return objective
+    finally:
+        tracker.end(status)
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    import lcm_exp
+
+    tags = {"lcm_exp.version": lcm_exp.__version__, "torch": torch.__version__, "host": os.uname().nodename}
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        tags["hydra.overrides"] = " ".join(hc.overrides.task)
+        tags["hydra.job.name"] = hc.job.name
+    return tags

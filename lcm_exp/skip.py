@@ -1,0 +1,21 @@
+"""The skip-step discretisation: DDIM grid t = (1..N)·k − 1, N = T // k (LCM paper §4.3)."""
+from __future__ import annotations
+
+import torch
+
+
+class SkipSchedule:
+    """Draws the pair (t_{n+k}, t_n) of the consistency condition (LCM paper eq. 8, skipping k steps)."""
+
+    def __init__(self, num_train_timesteps: int, k: int):
+        if k > num_train_timesteps:
+            raise ValueError(f"skip.k={k} exceeds the teacher's {num_train_timesteps} training timesteps")
+        self.k = int(k)
+        self.num_steps = num_train_timesteps // self.k  # N
+        self.timesteps = torch.arange(1, self.num_steps + 1) * self.k - 1  # t_1 .. t_N
+
+    def sample(self, n: int, generator: torch.Generator | None = None):
+        """Returns (t_start, t_end) = (t_{n+k}, max(t_{n+k} − k, 0)), each of shape (n,)."""
+        index = torch.randint(0, self.num_steps, (n,), generator=generator)
+        t_start = self.timesteps[index]
+        return t_start, (t_start - self.k).clamp(min=0)

@@ -1,0 +1,102 @@
+"""Teachers: a pretrained latent diffusion model in the diffusers folder layout, loaded one way for all.
+
+Every teacher option of `conf/teacher/` ends in `load_teacher(path, ...)`, the
+same `from_pretrained(path, subfolder=...)` path Stable Diffusion takes; tiny
+teachers are first built into a cache folder in that same layout.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Teacher:
+    """The frozen parts of a latent diffusion model and the two things LCD asks of them."""
+
+    name: str
+    path: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDPMScheduler
+    cast_to_mixed_precision: bool = True
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def frozen_modules(self):
+        return [self.unet, self.vae, self.text_encoder]
+
+    def to(self, device, dtype=None):
+        cast = dtype is not None and dtype != torch.float32 and self.cast_to_mixed_precision
+        for m in (self.unet, self.text_encoder):
+            m.to(device, dtype) if cast else m.to(device)
+        self.vae.to(device)  # the VAE stays fp32: SD's VAE overflows in fp16
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) → latents z = E(x)·scaling_factor (LCM paper §4.1)."""
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return images.clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> dict:
+        """Captions → the UNet's conditioning keyword arguments."""
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        hidden = self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return {"encoder_hidden_states": hidden}
+
+
+def _check_folder(pretrained: str) -> None:
+    p = Path(pretrained).expanduser()
+    looks_local = pretrained.startswith((".", "/", "~")) or p.exists()
+    if looks_local and not (p / "unet").is_dir():
+        raise FileNotFoundError(
+            f"teacher.pretrained={pretrained!r} is not a diffusers pipeline folder (no unet/ inside). Give the "
+            "folder that holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as `save_pretrained` writes "
+            "it), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 when online.")
+
+
+def load_teacher(name: str, pretrained: str | None, revision: str | None = None, variant: str | None = None,
+                 vae: str | None = None, cast_to_mixed_precision: bool = True, **_: object) -> Teacher:
+    """Loads an SD-1.x/2.x-shaped teacher from a local folder or hub id (any option of `conf/teacher/`)."""
+    if not pretrained:
+        raise ValueError(f"teacher={name} needs teacher.pretrained=<diffusers folder or hub id>")
+    _check_folder(pretrained)
+    kw = dict(revision=revision, variant=variant)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
+        vae_model = (AutoencoderKL.from_pretrained(vae, revision=revision) if vae
+                     else AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw))
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
+        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"Could not load teacher {name!r} from {pretrained!r}: {e}\nOffline, point teacher.pretrained at a "
+            "local diffusers folder; online, check the hub id and teacher.revision.") from e
+    for m in (unet, vae_model, text_encoder):
+        m.requires_grad_(False).eval()
+    return Teacher(name=name, path=str(pretrained), unet=unet, vae=vae_model, text_encoder=text_encoder,
+                   tokenizer=tokenizer, scheduler=scheduler, cast_to_mixed_precision=cast_to_mixed_precision)
