@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -22,9 +23,14 @@ def _main(config_name: str, task):
 
 
 def _train(cfg):
+    from .config import ConfigError
     from .runner import run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as e:  # a user's value that cannot work: the message says what to do, no traceback
+        print(f"lcm-exp: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def train():

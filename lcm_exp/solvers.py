@@ -27,8 +27,8 @@ def ddim(denoise, z, t, t_prev, alphas_cumprod):
 
 def euler(denoise, z, t, t_prev, alphas_cumprod):
     """Euler's method on the VP probability-flow ODE in t (Song et al. 2021 "Score SDE", eq. 13):
-    dz/dt = −½ β(t) (z − ε/σ_t), σ_t = √(1 − ᾱ_t), β(t) = −d log ᾱ/dt. First order in t, so it carries
-    more discretisation error than DDIM for the same k: the ablation the solver choice asks for."""
+    dz/dt = −½ β(t) (z − ε/σ_t), σ_t = √(1 − ᾱ_t), β(t) = −d log ᾱ/dt. First order, like DDIM, but in t
+    rather than in σ: a different discretisation error for the same k, the ablation the solver choice asks for."""
     _, eps = denoise(z, t)
     log_a = alphas_cumprod.double().log()
     beta = -(log_a - torch.cat([log_a.new_zeros(1), log_a[:-1]])).to(alphas_cumprod.dtype)  # −Δ log ᾱ per step
@@ -39,7 +39,7 @@ def euler(denoise, z, t, t_prev, alphas_cumprod):
 
 def heun(denoise, z, t, t_prev, alphas_cumprod):
     """Heun's second-order method (Karras et al. 2022 "EDM", Alg. 1) in the variables x = z/√ᾱ,
-    σ = √((1−ᾱ)/ᾱ), where dx/dσ = ε. Two guided teacher evaluations per step."""
+    σ = √((1−ᾱ)/ᾱ), where dx/dσ = ε. Two guided teacher evaluations per step; its first stage is DDIM."""
     a, a_prev = _at(alphas_cumprod, t, z), _at(alphas_cumprod, t_prev, z)
     sigma, sigma_prev = ((1 - a) / a).sqrt(), ((1 - a_prev) / a_prev).sqrt()
     x = z / a.sqrt()

@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -72,7 +74,7 @@ def _check_folder(pretrained: str) -> None:
     p = Path(pretrained).expanduser()
     looks_local = pretrained.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p / "unet").is_dir():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"teacher.pretrained={pretrained!r} is not a diffusers pipeline folder (no unet/ inside). Give the "
             "folder that holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as `save_pretrained` writes "
             "it), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 when online.")
@@ -82,7 +84,7 @@ def load_teacher(name: str, pretrained: str | None, revision: str | None = None,
                  vae: str | None = None, cast_to_mixed_precision: bool = True, **_: object) -> Teacher:
     """Loads an SD-1.x/2.x-shaped teacher from a local folder or hub id (any option of `conf/teacher/`)."""
     if not pretrained:
-        raise ValueError(f"teacher={name} needs teacher.pretrained=<diffusers folder or hub id>")
+        raise ConfigError(f"teacher={name} needs teacher.pretrained=<diffusers folder or hub id>")
     _check_folder(pretrained)
     kw = dict(revision=revision, variant=variant)
     try:
@@ -93,7 +95,7 @@ def load_teacher(name: str, pretrained: str | None, revision: str | None = None,
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
         scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
     except OSError as e:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"Could not load teacher {name!r} from {pretrained!r}: {e}\nOffline, point teacher.pretrained at a "
             "local diffusers folder; online, check the hub id and teacher.revision.") from e
     for m in (unet, vae_model, text_encoder):
