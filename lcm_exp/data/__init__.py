@@ -5,12 +5,12 @@ from __future__ import annotations
 from . import wds
 
 
-def webdataset(batch_size: int, urls: str | None = None, rank: int = 0, world_size: int = 1, **cfg):
+def webdataset_loader(batch_size: int, urls: str | None = None, rank: int = 0, world_size: int = 1, **cfg):
     """`data=webdataset`: real LAION-style shards (img2dataset layout) from `data.urls`."""
     return wds.loader(urls, batch_size=batch_size, rank=rank, world_size=world_size, **cfg)
 
 
-def shapes(batch_size: int, num_samples: int = 5000, resolution: int = 64, seed: int = 0,
+def shapes_loader(batch_size: int, num_samples: int = 5000, resolution: int = 64, seed: int = 0,
            cache_dir: str = "~/.cache/lcm_exp", rank: int = 0, world_size: int = 1, **cfg):
     """`data=shapes`: the embedded procedural dataset, written once as shards and read by the same loader."""
     from .shapes import ensure_shards
