@@ -277,15 +277,27 @@ def is_shapes(cfg) -> bool:
     return str(cfg.data.get("_target_", "")).endswith(".shapes")
 
 
-def real_images_fn(cfg, batch: int = 64):
-    """n → the dataset's first n images in [0, 1] (B, 3, H, W), read once and kept."""
+def data_loader(cfg, batch_size: int):
+    """`instantiate(cfg.data)(batch_size=...)`, also once `lcm_exp.data.shapes` (the builder) has been shadowed by
+    the submodule of the same name (the builder imports `.shapes`, which rebinds the package attribute)."""
+    import importlib
+    import inspect
+
     from hydra.utils import instantiate
 
+    module, _, name = str(cfg.data.get("_target_", "")).rpartition(".")
+    if module and inspect.ismodule(getattr(importlib.import_module(module), name, None)):
+        importlib.reload(importlib.import_module(module))  # re-binds the builder functions of the package
+    return instantiate(cfg.data)(batch_size=batch_size, rank=0, world_size=1)
+
+
+def real_images_fn(cfg, batch: int = 64):
+    """n → the dataset's first n images in [0, 1] (B, 3, H, W), read once and kept."""
     cache: dict = {}
 
     def take(n: int) -> torch.Tensor:
         if cache.get("n", 0) < n:
-            data = instantiate(cfg.data)(batch_size=min(batch, n), rank=0, world_size=1)
+            data = data_loader(cfg, min(batch, n))
             out, got = [], 0
             for b in data:
                 out.append(b["pixels"][: n - got])
@@ -307,7 +319,7 @@ def evaluate_run(cfg, teacher, student_unet, tracker, out_dir: Path, step: int =
     ev: Evaluator = instantiate(cfg.eval)(device=device)
     w = float(ev.w) if ev.w is not None else 0.5 * (cfg.guidance.w_min + cfg.guidance.w_max)
     real = real_images_fn(cfg, ev.batch_size)
-    prompts = eval_prompts(cfg, ev, real_batch=lambda: next(iter(instantiate(cfg.data)(batch_size=ev.num_prompts))))
+    prompts = eval_prompts(cfg, ev, real_batch=lambda: next(iter(data_loader(cfg, ev.num_prompts))))
     unet = copy.deepcopy(student_unet)  # eval may cast; the trained module stays as it is
     res = ev.evaluate(teacher, unet, prompts, w=w, height=cfg.data.resolution, width=cfg.data.resolution,
                       original_inference_steps=teacher.num_train_timesteps // int(cfg.skip.k),
