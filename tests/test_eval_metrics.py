@@ -129,3 +129,24 @@ def test_shipped_inception_runs_offline():
         pytest.skip(str(e))
     feats = M.InceptionFeatures(path)(torch.rand(1, 3, 32, 32))
     assert feats.shape == (1, 2048) and np.isfinite(feats).all()
+
+
+def test_clip_score_from_a_local_folder(models, tmp_path):
+    """clip_score with eval.clip_model = a local CLIP folder (here a tiny random one: checks the plumbing)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    teacher, student = models
+    vocab = len(teacher.tokenizer)
+    cfg = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=32,
+                                      eos_token_id=teacher.tokenizer.eos_token_id),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    teacher.tokenizer.save_pretrained(tmp_path / "clip")
+    ev = Evaluator(steps=[1], num_prompts=2, reference_steps=2, fid=False, clip_model=str(tmp_path / "clip"))
+    res = ev.evaluate(teacher, student, ["a red circle", "a blue square"], w=3.0, height=32, width=32,
+                      original_inference_steps=50, timestep_scaling=10.0)
+    assert not res.unavailable
+    for model in MODELS:
+        assert 0.0 <= res.metrics[f"eval/{model}_1step/clip_score"] <= 100.0
