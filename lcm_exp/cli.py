@@ -36,3 +36,14 @@ def _train(cfg):
 def train():
     """`lcm-exp [overrides]`: the main job."""
     return _main("config", _train)
+
+
+def _evaluate(cfg):
+    from .eval_job import main
+
+    main(cfg)
+
+
+def evaluate():
+    """`lcm-exp-eval run=<mlflow run id> | dir=<run output folder> [eval.* overrides]`."""
+    return _main("eval_cli", _evaluate)

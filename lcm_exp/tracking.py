@@ -66,6 +66,12 @@ class MLflowTracker:
                 self.client.log_batch(self.run_id, params=flat[i:i + 100])
         return self.run_id
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.client is None:
+            return
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.client is None:
             return

@@ -1,0 +1,333 @@
+"""Evaluation: what distillation buys at 1, 2, 4 and 8 steps (the LCM paper's headline table, per run).
+
+For a fixed, seeded set of prompts, initial noises and one w, we sample
+- the student with diffusers' `LatentConsistencyModelPipeline` + `LCMScheduler`
+  (`original_inference_steps` = T // skip.k, the training grid; `guidance_scale` = w + 1),
+- the teacher with `StableDiffusionPipeline` + `DDIMScheduler` and + DPM-Solver++ at the same step counts,
+- the reference: the teacher's DDIM at `eval.reference_steps` from the same noise, prompt and w,
+and report `eval/<model>_<n>step/<metric>` (DESIGN.md): `mse_to_ref` (latents), `psnr_to_ref` (decoded
+pixels in [0, 1]), `adherence` (shapes checker), `fid`/`kid` (offline Inception, see `metrics.py`) and
+`clip_score` (a local CLIP model). A metric that cannot be computed is reported once and skipped.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import metrics as M
+
+log = logging.getLogger(__name__)
+MODELS = ("student", "teacher_ddim", "teacher_dpmpp")
+METRICS = ("mse_to_ref", "psnr_to_ref", "adherence", "fid", "kid", "clip_score")
+# Which way a sweeper should optimise an objective; the fallback objective (no eval) is the final train loss.
+MAXIMIZE = ("psnr", "adherence", "clip_score")
+
+
+def objective_direction(name: str) -> str:
+    """'maximize' for psnr_to_ref, adherence, clip_score; 'minimize' for mse_to_ref, fid, kid and train/loss."""
+    return "maximize" if any(k in name for k in MAXIMIZE) else "minimize"
+
+
+def metric_name(model: str, steps: int, metric: str) -> str:
+    return f"eval/{model}_{steps}step/{metric}"
+
+
+@dataclass
+class EvalResult:
+    prompts: list[str]
+    steps: list[int]
+    metrics: dict[str, float] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it was not computed
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)  # "student_4step", ..., "reference"
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # same keys, (B, 3, H, W) in [0, 1], CPU
+
+
+class Evaluator:
+    """Built from `conf/eval/` (`instantiate(cfg.eval)(device=...)`); `evaluate(...)` samples and measures."""
+
+    def __init__(self, steps: Sequence[int] = (1, 2, 4, 8), num_prompts: int = 16, reference_steps: int = 50,
+                 seed: int = 1234, w: float | None = None, objective: str = "eval/student_4step/psnr_to_ref",
+                 enabled: bool = True, prompts: Sequence[str] = (), batch_size: int = 16, model: str = "target",
+                 timestep_spacing: str = "trailing", psnr_cap: float = 100.0, fid: bool | None = None,
+                 fid_weights: str | None = None, num_real: int = 64, clip_model: str | None = None,
+                 device: torch.device | str | None = None, **_):
+        self.steps = [int(s) for s in steps]
+        self.num_prompts, self.reference_steps, self.seed, self.w = int(num_prompts), int(reference_steps), int(seed), w
+        self.objective, self.enabled, self.prompts = objective, enabled, list(prompts or [])
+        self.batch_size, self.model, self.timestep_spacing = int(batch_size), model, timestep_spacing
+        self.psnr_cap, self.fid, self.fid_weights, self.num_real = float(psnr_cap), fid, fid_weights, int(num_real)
+        self.clip_model = clip_model
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._warned: dict[str, str] = {}
+
+    # -------------------------------------------------------------------------------------------------- warnings
+    def unavailable(self, metric: str, reason: str) -> None:
+        """Reports a metric that cannot be computed, once per evaluator."""
+        if metric not in self._warned:
+            self._warned[metric] = reason
+            log.warning("eval: metric %r not computed: %s", metric, reason)
+
+    # -------------------------------------------------------------------------------------------------- sampling
+    def noise(self, teacher, n: int, height: int, width: int) -> torch.Tensor:
+        f = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn((n, teacher.unet.config.in_channels, height // f, width // f), generator=g)
+
+    def pipelines(self, teacher, student_unet, original_inference_steps: int, timestep_scaling: float):
+        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LatentConsistencyModelPipeline,
+                               LCMScheduler, StableDiffusionPipeline)
+
+        conf = teacher.scheduler.config
+        parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        lcm = LCMScheduler.from_config(conf, original_inference_steps=original_inference_steps,
+                                       timestep_scaling=timestep_scaling)
+        spacing = dict(timestep_spacing=self.timestep_spacing, steps_offset=1)  # SD's offset; unused by trailing
+        ddim = DDIMScheduler.from_config(conf, **spacing)
+        dpm = DPMSolverMultistepScheduler.from_config(conf, algorithm_type="dpmsolver++", **spacing)
+        pipes = {"student": LatentConsistencyModelPipeline(unet=student_unet, scheduler=lcm, **parts),
+                 "teacher_ddim": StableDiffusionPipeline(unet=teacher.unet, scheduler=ddim, **parts),
+                 "teacher_dpmpp": StableDiffusionPipeline(unet=teacher.unet, scheduler=dpm, **parts)}
+        for p in pipes.values():
+            p.set_progress_bar_config(disable=True)
+        return pipes
+
+    @torch.no_grad()
+    def _sample(self, pipe, prompts: list[str], noise: torch.Tensor, steps: int, w: float, **kw) -> torch.Tensor:
+        """Latents from `pipe` at `steps` steps, in batches, from `noise` (scaled by the scheduler's
+        init_noise_sigma inside the pipeline, as for every diffusers pipeline)."""
+        out = []
+        dtype = pipe.unet.dtype
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = slice(i, i + self.batch_size)
+            g = torch.Generator().manual_seed(self.seed + 1 + i)  # the LCM sampler's re-noising between steps
+            lat = pipe(prompt=prompts[chunk], latents=noise[chunk].to(self.device, dtype), num_inference_steps=steps,
+                       guidance_scale=w + 1.0, output_type="latent", generator=g,
+                       height=noise.shape[-2] * pipe.vae_scale_factor, width=noise.shape[-1] * pipe.vae_scale_factor,
+                       **kw).images
+            out.append(lat.float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def sample(self, teacher, student_unet, prompts: list[str], w: float, height: int, width: int,
+               original_inference_steps: int, timestep_scaling: float) -> dict[str, torch.Tensor]:
+        """{"<model>_<n>step": latents, ..., "reference": latents} from the same noise, prompts and w."""
+        student_unet = student_unet.to(self.device).eval()
+        if student_unet.dtype != teacher.unet.dtype:
+            student_unet = student_unet.to(teacher.unet.dtype)
+        pipes = self.pipelines(teacher, student_unet, original_inference_steps, timestep_scaling)
+        noise = self.noise(teacher, len(prompts), height, width)
+        out = {"reference": self._sample(pipes["teacher_ddim"], prompts, noise, self.reference_steps, w)}
+        for model, pipe in pipes.items():
+            for n in self.steps:
+                kw = {"original_inference_steps": original_inference_steps} if model == "student" else {}
+                out[f"{model}_{n}step"] = self._sample(pipe, prompts, noise, n, w, **kw)
+        return out
+
+    @torch.no_grad()
+    def decode(self, teacher, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → pixels in [0, 1] on the CPU, with the teacher's VAE, in batches."""
+        out = [(teacher.decode_latents(latents[i:i + self.batch_size].to(self.device)).float().cpu() + 1) / 2
+               for i in range(0, len(latents), self.batch_size)]
+        return torch.cat(out).clamp(0, 1)
+
+    # -------------------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, teacher, student_unet, prompts: list[str], w: float, height: int, width: int,
+                 original_inference_steps: int, timestep_scaling: float,
+                 real_images: Callable[[int], torch.Tensor] | None = None, adherence: bool = False) -> EvalResult:
+        """Samples every model at every step count and computes every metric it can."""
+        res = EvalResult(prompts=list(prompts), steps=list(self.steps))
+        res.latents = self.sample(teacher, student_unet, res.prompts, w, height, width, original_inference_steps,
+                                  timestep_scaling)
+        res.images = {k: self.decode(teacher, v) for k, v in res.latents.items()}
+        ref_lat, ref_img = res.latents["reference"], res.images["reference"]
+        names = [f"{m}_{n}step" for m in MODELS for n in self.steps]
+        for name in names:
+            res.metrics[f"eval/{name}/mse_to_ref"] = M.mse(res.latents[name], ref_lat)
+            res.metrics[f"eval/{name}/psnr_to_ref"] = M.psnr(res.images[name], ref_img, cap=self.psnr_cap)
+        if adherence:
+            self._per_model(res, names, "adherence", lambda imgs: M.adherence(imgs, res.prompts))
+        self._inception_metrics(res, names, real_images)
+        if self.clip_model:
+            scorer = self._guard("clip_score", lambda: M.ClipScorer(self.clip_model, self.device))
+            if scorer is not None:
+                self._per_model(res, names, "clip_score", lambda imgs: scorer(imgs, res.prompts))
+        res.unavailable = dict(self._warned)
+        return res
+
+    def _guard(self, metric: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - any failure of one metric must leave the others
+            self.unavailable(metric, f"{type(e).__name__}: {e}")
+            return None
+
+    def _per_model(self, res: EvalResult, names: list[str], metric: str, fn) -> None:
+        if metric in self._warned:
+            return
+        for name in names:
+            value = self._guard(metric, lambda: fn(res.images[name]))
+            if value is None:
+                return
+            res.metrics[f"eval/{name}/{metric}"] = float(value)
+
+    def _inception_metrics(self, res: EvalResult, names: list[str], real_images) -> None:
+        if self.fid is False:
+            return
+        if self.fid is None and self.device.type != "cuda":
+            for m in ("fid", "kid"):
+                self.unavailable(m, "skipped on the CPU by default (Inception-v3 at 299 px costs about a second per "
+                                    "image here); set eval.fid=true to compute it anyway")
+            return
+        if real_images is None:
+            for m in ("fid", "kid"):
+                self.unavailable(m, "no real images of the dataset to compare with")
+            return
+        net = self._guard("fid", lambda: M.InceptionFeatures(self.fid_weights, self.device, self.batch_size))
+        if net is None:
+            self.unavailable("kid", "the Inception network for fid could not be loaded (see the fid warning)")
+            return
+        real = self._guard("fid", lambda: net(real_images(self.num_real)))
+        if real is None:
+            self.unavailable("kid", "no real features (see the fid warning)")
+            return
+        for name in names:
+            feats = self._guard("fid", lambda: net(res.images[name]))
+            if feats is None:
+                self.unavailable("kid", "Inception features failed (see the fid warning)")
+                return
+            for metric, fn in (("fid", M.fid), ("kid", M.kid)):
+                if metric not in self._warned:
+                    value = self._guard(metric, lambda: fn(feats, real))
+                    if value is not None:
+                        res.metrics[f"eval/{name}/{metric}"] = float(value)
+
+
+# ------------------------------------------------------------------------------------------------------ reports
+def table_rows(res: EvalResult) -> tuple[list[str], list[list]]:
+    cols = [m for m in METRICS if any(k.endswith("/" + m) for k in res.metrics)]
+    rows = [[model, n] + [res.metrics.get(metric_name(model, n, m), math.nan) for m in cols]
+            for model in MODELS for n in res.steps]
+    return ["model", "steps", *cols], rows
+
+
+def markdown_table(res: EvalResult) -> str:
+    header, rows = table_rows(res)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |" for r in rows]
+    if res.unavailable:
+        lines += [""] + [f"- `{m}` not computed: {why}" for m, why in res.unavailable.items()]
+    return "\n".join(lines) + "\n"
+
+
+def image_grid(res: EvalResult, max_rows: int = 16, tile: int = 64):
+    """Rows: prompts; columns: the student at each step count, the teacher's DDIM at each, the reference."""
+    from PIL import Image, ImageDraw
+
+    cols = [f"student_{n}step" for n in res.steps] + [f"teacher_ddim_{n}step" for n in res.steps] + ["reference"]
+    rows = min(max_rows, len(res.prompts))
+    head = 14
+    grid = Image.new("RGB", (tile * len(cols), head + tile * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, col in enumerate(cols):
+        label = col.replace("teacher_", "").replace("student_", "lcm ").replace("step", "")
+        draw.text((j * tile + 2, 1), label, fill="black")
+        for i in range(rows):
+            arr = (res.images[col][i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            grid.paste(Image.fromarray(arr).resize((tile, tile), Image.NEAREST), (j * tile, head + i * tile))
+    return grid
+
+
+def write_report(res: EvalResult, out_dir: Path) -> list[Path]:
+    """eval_table.md, eval_table.csv, eval_grid.png and eval_prompts.txt in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, rows = table_rows(res)
+    (out_dir / "eval_table.md").write_text(markdown_table(res))
+    with open(out_dir / "eval_table.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    image_grid(res).save(out_dir / "eval_grid.png")
+    (out_dir / "eval_prompts.txt").write_text("\n".join(res.prompts) + "\n")
+    return [out_dir / n for n in ("eval_table.md", "eval_table.csv", "eval_grid.png", "eval_prompts.txt")]
+
+
+# ----------------------------------------------------------------------------------------------- from a config
+def eval_prompts(cfg, evaluator: Evaluator, real_batch: Callable[[], dict] | None = None) -> list[str]:
+    """`eval.prompts` when given; for data=shapes its held-out captions; else the dataset's first captions."""
+    if evaluator.prompts:
+        return list(evaluator.prompts)[: evaluator.num_prompts] if evaluator.num_prompts else list(evaluator.prompts)
+    if is_shapes(cfg):
+        from .data.shapes import eval_prompts as held_out
+
+        return held_out(evaluator.num_prompts, seed=evaluator.seed)
+    if real_batch is None:
+        raise ValueError("eval.prompts is empty and there is no dataset to take captions from")
+    log.warning("eval.prompts is empty: using the first %d captions of the dataset", evaluator.num_prompts)
+    return list(real_batch()["captions"])[: evaluator.num_prompts]
+
+
+def is_shapes(cfg) -> bool:
+    return str(cfg.data.get("_target_", "")).endswith(".shapes")
+
+
+def data_loader(cfg, batch_size: int):
+    """`instantiate(cfg.data)(batch_size=...)`, also once `lcm_exp.data.shapes` (the builder) has been shadowed by
+    the submodule of the same name (the builder imports `.shapes`, which rebinds the package attribute)."""
+    import importlib
+    import inspect
+
+    from hydra.utils import instantiate
+
+    module, _, name = str(cfg.data.get("_target_", "")).rpartition(".")
+    if module and inspect.ismodule(getattr(importlib.import_module(module), name, None)):
+        importlib.reload(importlib.import_module(module))  # re-binds the builder functions of the package
+    return instantiate(cfg.data)(batch_size=batch_size, rank=0, world_size=1)
+
+
+def real_images_fn(cfg, batch: int = 64):
+    """n → the dataset's first n images in [0, 1] (B, 3, H, W), read once and kept."""
+    cache: dict = {}
+
+    def take(n: int) -> torch.Tensor:
+        if cache.get("n", 0) < n:
+            data = data_loader(cfg, min(batch, n))
+            out, got = [], 0
+            for b in data:
+                out.append(b["pixels"][: n - got])
+                got += len(out[-1])
+                if got >= n:
+                    break
+            cache.update(n=n, pixels=(torch.cat(out).float().clamp(-1, 1) + 1) / 2)
+        return cache["pixels"][:n]
+
+    return take
+
+
+def evaluate_run(cfg, teacher, student_unet, tracker, out_dir: Path, step: int = 0,
+                 device: torch.device | str = "cpu") -> dict[str, float]:
+    """The evaluation of one run: samples, measures, writes the table and the grid into `out_dir/eval/`,
+    logs metrics and artifacts (artifact path `eval/`) to the tracker's run, returns the metrics."""
+    from hydra.utils import instantiate
+
+    ev: Evaluator = instantiate(cfg.eval)(device=device)
+    w = float(ev.w) if ev.w is not None else 0.5 * (cfg.guidance.w_min + cfg.guidance.w_max)
+    real = real_images_fn(cfg, ev.batch_size)
+    prompts = eval_prompts(cfg, ev, real_batch=lambda: next(iter(data_loader(cfg, ev.num_prompts))))
+    unet = copy.deepcopy(student_unet)  # eval may cast; the trained module stays as it is
+    res = ev.evaluate(teacher, unet, prompts, w=w, height=cfg.data.resolution, width=cfg.data.resolution,
+                      original_inference_steps=teacher.num_train_timesteps // int(cfg.skip.k),
+                      timestep_scaling=float(cfg.student.timestep_scaling), real_images=real,
+                      adherence=is_shapes(cfg))
+    paths = write_report(res, Path(out_dir) / "eval")
+    tracker.log_metrics(res.metrics, step)
+    for p in paths:
+        tracker.log_artifact(p, "eval")
+    print(markdown_table(res), flush=True)
+    return res.metrics
