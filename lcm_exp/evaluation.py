@@ -274,20 +274,12 @@ def eval_prompts(cfg, evaluator: Evaluator, real_batch: Callable[[], dict] | Non
 
 
 def is_shapes(cfg) -> bool:
-    return str(cfg.data.get("_target_", "")).endswith(".shapes")
+    return str(cfg.data.get("_target_", "")).endswith(".shapes_loader")
 
 
 def data_loader(cfg, batch_size: int):
-    """`instantiate(cfg.data)(batch_size=...)`, also once `lcm_exp.data.shapes` (the builder) has been shadowed by
-    the submodule of the same name (the builder imports `.shapes`, which rebinds the package attribute)."""
-    import importlib
-    import inspect
-
     from hydra.utils import instantiate
 
-    module, _, name = str(cfg.data.get("_target_", "")).rpartition(".")
-    if module and inspect.ismodule(getattr(importlib.import_module(module), name, None)):
-        importlib.reload(importlib.import_module(module))  # re-binds the builder functions of the package
     return instantiate(cfg.data)(batch_size=batch_size, rank=0, world_size=1)
 
 
