@@ -132,8 +132,12 @@ class TrackingConfig:
     _target_: str = "lcm_exp.tracking.MLflowTracker"
     uri: Optional[str] = None  # null = sqlite:///<abs path of mlflow.db in the start folder>
     experiment: str = "lcm-distill"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # null = MLflow's random name; in a sweep "<job num>: <overrides>"
     enabled: bool = True
+    flush_timeout: float = 30.0  # seconds to wait at the end for an away server before writing a local store
+    retry_interval: float = 2.0  # seconds between tries while the server is away
+    validation_steps: List[int] = field(default_factory=lambda: [1, 2, 4])  # step counts of the validation grids
+    validation_prompts: List[str] = field(default_factory=list)  # empty = lcm_exp.validation.PROMPTS
 
 
 @dataclass
