@@ -13,9 +13,13 @@ def webdataset(batch_size: int, urls: str | None = None, rank: int = 0, world_si
 def shapes(batch_size: int, num_samples: int = 5000, resolution: int = 64, seed: int = 0,
            cache_dir: str = "~/.cache/lcm_exp", rank: int = 0, world_size: int = 1, **cfg):
     """`data=shapes`: the embedded procedural dataset, written once as shards and read by the same loader."""
-    from .shapes import ensure_shards
+    from .shapes import ensure_shards  # the first import of the submodule rebinds `lcm_exp.data.shapes` to it...
 
+    globals()["shapes"] = _shapes_builder  # ...so put this builder back (a second job in the process needs it)
     cfg.pop("urls", None)
     urls = ensure_shards(cache_dir, "train", num_samples, resolution, seed)
     return wds.loader(urls, batch_size=batch_size, resolution=resolution, seed=seed, rank=rank,
                       world_size=world_size, **cfg)
+
+
+_shapes_builder = shapes
