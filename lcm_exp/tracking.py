@@ -123,7 +123,7 @@ def git_tags(path: str | os.PathLike | None = None) -> dict[str, str]:
         return {}
 
 
-def run_tags() -> dict[str, str]:
+def run_tags(cfg=None) -> dict[str, str]:
     """Provenance tags: git, Hydra overrides / job name / sweep, host, library versions."""
     import diffusers
     import torch
@@ -240,11 +240,16 @@ class MLflowTracker:
         self._queue.put(("artifact", item))
 
     def set_tag(self, key: str, value: str) -> None:
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Queues tags (sent in order with the metrics)."""
         if self.client is None:
             return
-        value = _cut(str(value), MAX_TAG_LEN)
-        self._tags[key] = value
-        self._queue.put(("tag", (key, value)))
+        for key, value in tags.items():
+            value = _cut(str(value), MAX_TAG_LEN)
+            self._tags[key] = value
+            self._queue.put(("tag", (key, value)))
 
     # --------------------------------------------------------------------------------------------------- sender
     def _send(self, kind: str, items: list) -> None:
