@@ -68,6 +68,7 @@ class EMAConfig:
     _target_: str = "lcm_exp.ema.EMA"
     _partial_: bool = True
     decay: float = 0.95
+    cast_to_mixed_precision: bool = True  # the target's forward in bf16/fp16 under mixed precision
 
 
 @dataclass
@@ -125,6 +126,12 @@ class TrainerConfig:
     checkpoints_total_limit: Optional[int] = 2
     resume: Optional[str] = None  # null | latest | path to a checkpoint folder
     output_dir: str = "."  # relative to the job's working dir (Hydra's run dir)
+    # speed switches, each measured by lcm-exp-bench
+    batched_cfg: bool = True  # the teacher's cond and uncond passes as one batched forward
+    channels_last: bool = False
+    attention: str = "sdpa"  # sdpa | xformers
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNets (minutes of warm-up on a CPU: opt-in)
 
 
 @dataclass
@@ -132,8 +139,12 @@ class TrackingConfig:
     _target_: str = "lcm_exp.tracking.MLflowTracker"
     uri: Optional[str] = None  # null = sqlite:///<abs path of mlflow.db in the start folder>
     experiment: str = "lcm-distill"
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # null = MLflow's random name; in a sweep "<job num>: <overrides>"
     enabled: bool = True
+    flush_timeout: float = 30.0  # seconds to wait at the end for an away server before writing a local store
+    retry_interval: float = 2.0  # seconds between tries while the server is away
+    validation_steps: List[int] = field(default_factory=lambda: [1, 2, 4])  # step counts of the validation grids
+    validation_prompts: List[str] = field(default_factory=list)  # empty = lcm_exp.validation.PROMPTS
 
 
 @dataclass
@@ -195,6 +206,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.batch_size >= 1, "trainer.batch_size", cfg.trainer.batch_size, ">= 1"),
         (cfg.trainer.gradient_accumulation_steps >= 1, "trainer.gradient_accumulation_steps",
          cfg.trainer.gradient_accumulation_steps, ">= 1"),
+        (cfg.trainer.attention in ("sdpa", "xformers"), "trainer.attention", cfg.trainer.attention,
+         "sdpa or xformers"),
         (cfg.trainer.mixed_precision in ("no", "fp16", "bf16"), "trainer.mixed_precision",
          cfg.trainer.mixed_precision, "one of no, fp16, bf16"),
         (cfg.trainer.resume in (None, "latest") or "/" in str(cfg.trainer.resume) or "checkpoint-" in str(cfg.trainer.resume),

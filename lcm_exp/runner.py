@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -14,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, validate
 from .lcd import LCD
 from .optim import lr_schedule
+from .tracking import run_tags
+from .validation import Validator
 
 log = logging.getLogger(__name__)
 # Keys that do not change what is trained: a checkpoint of the same config with other values of these resumes.
@@ -84,30 +85,42 @@ def run(cfg: DictConfig) -> float:
     tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
     if not acc.is_main_process:
         tracker.enabled = False
-    tags = {**run_tags(cfg), "lcm_exp.output_dir": str(trainer.output_dir.resolve())}
-    tracker.start(OmegaConf.to_container(cfg, resolve=True), tags=tags, run_id=resumed_state.get("mlflow_run_id"))
-    tracker.set_tags({"lcm_exp.output_dir": tags["lcm_exp.output_dir"], **objective_tags(cfg)})
-    status = "FAILED"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tags = {**run_tags(cfg), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(cfg)}
+    tracker.start(resolved, tags=tags, run_id=resumed_state.get("mlflow_run_id"))
+    if resumed_state:  # a continued run keeps its tags; these may have changed
+        tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective", "lcm_exp.objective_direction")})
+    log_config(tracker, cfg, out_dir)
+    status, error = "FAILED", None
     try:
         teacher = instantiate(cfg.teacher).to(acc.device, trainer.weight_dtype)
         student = instantiate(cfg.student, teacher=teacher)
         student.unet.to(acc.device)
-        ema = instantiate(cfg.ema)(online=student.unet)
+        ema = instantiate(cfg.ema)(online=student.unet, dtype=trainer.weight_dtype)
         lcd = LCD(student=student.unet, target=ema.target, teacher=teacher.unet,
                   alphas_cumprod=teacher.scheduler.alphas_cumprod.to(acc.device), prediction_type=teacher.prediction_type,
                   solver=instantiate(cfg.solver), skip=instantiate(cfg.skip)(num_train_timesteps=teacher.num_train_timesteps),
                   guidance=instantiate(cfg.guidance), distance=instantiate(cfg.loss),
                   w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
                   timestep_scaling=student.timestep_scaling,
-                  teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32)
+                  teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
+                  batched_cfg=cfg.trainer.batched_cfg)
         optimizer = instantiate(cfg.optim)(params=student.trainable_parameters())
         n = acc.num_processes  # accelerate steps a prepared scheduler once per process
         scheduler = lr_schedule(optimizer, cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps * n, cfg.trainer.max_steps * n)
         data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size, rank=acc.process_index,
                                      world_size=acc.num_processes)
+        validator = Validator(teacher, student.unet, ema.target, skip_k=cfg.skip.k,
+                              timestep_scaling=student.timestep_scaling, resolution=cfg.data.resolution,
+                              out_dir=out_dir, tracker=tracker, steps=tracker.validation_steps,
+                              prompts=tracker.validation_prompts, seed=cfg.trainer.seed,
+                              w=(cfg.guidance.w_min + cfg.guidance.w_max) / 2, unwrap=trainer.unwrap)
+        on_validate = validator if acc.is_main_process else None
         stats = trainer.fit(lcd, teacher, student, ema, optimizer, scheduler, data, tracker,
-                            max_grad_norm=cfg.optim.max_grad_norm, resume_from=resume_from,
+                            max_grad_norm=cfg.optim.max_grad_norm, resume_from=resume_from, on_validate=on_validate,
                             ckpt_extra={"config_key": key, "mlflow_run_id": tracker.run_id})
+        if on_validate and trainer.global_step > 0:
+            validator(trainer.global_step)  # validation_every=0: only at the end; else the final step too
         objective = float(stats.get("train/loss", float("nan")))
         if acc.is_main_process:
             save_students(trainer, student, ema, tracker)
@@ -116,22 +129,24 @@ def run(cfg: DictConfig) -> float:
         status = "FINISHED"
         log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
         return objective
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        tracker.end(status)
+        tracker.end(status, error=error)
 
 
-def run_tags(cfg: DictConfig) -> dict[str, str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    import lcm_exp
-
-    tags = {"lcm_exp.version": lcm_exp.__version__, "torch": torch.__version__, "host": os.uname().nodename}
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        tags["hydra.overrides"] = " ".join(hc.overrides.task)
-        tags["hydra.job.name"] = hc.job.name
-    return tags
-
+def log_config(tracker, cfg: DictConfig, out_dir: Path) -> None:
+    """Artifacts: the resolved config (yaml) and Hydra's `.hydra/` folder of this job."""
+    if tracker.run_id is None:
+        return
+    path = out_dir / "resolved_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker.log_artifact(path, "config")
+    hydra_dir = out_dir / ".hydra"
+    if hydra_dir.is_dir():
+        tracker.log_artifact(hydra_dir, "config/.hydra")
 
 def objective_tags(cfg: DictConfig) -> dict[str, str]:
     """What `run()` returns and which way a sweeper should optimise it (psnr_to_ref: maximize)."""

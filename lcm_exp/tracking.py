@@ -1,8 +1,23 @@
-"""MLflow tracking: the store, the run, params, metrics and artifacts (DESIGN.md, Tracking contract)."""
+"""MLflow tracking: the store, the run, params, tags, metrics and artifacts (DESIGN.md, Tracking contract).
+
+Everything the training loop sends goes through a queue to one background sender thread, so a step never
+waits on MLflow. A tracking server that goes away mid-run costs nothing: the sender keeps every point and
+retries until the server is back; if it is still away when the run ends, the whole run (params, tags, every
+metric point, artifacts) is written to a local sqlite store, named in the run's last log message.
+Sweeps (`lcm-exp -m ...`) nest one child run per job under a parent run: see `lcm_exp.sweep_tracking`.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import re
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,12 +25,35 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline, its telemetry thread can crash the client
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+MAX_TAG_LEN = 5000
 CUT_MARKER = "...[cut]"
+PARENT_RUN_ENV = "LCM_EXP_PARENT_RUN_ID"  # set by the sweep callback, inherited by every job (joblib workers too)
+FALLBACK_DB = "mlflow-offline.db"
+# MLflow errors worth retrying (server away, overloaded, store locked); anything else is the request's fault.
+_RETRYABLE = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "ENDPOINT_NOT_FOUND",
+              "DEADLINE_EXCEEDED", "ABORTED", "UNAVAILABLE"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached when a run starts."""
 
 
 def default_uri(start_dir: str | os.PathLike | None = None) -> str:
     """`sqlite:///` + the absolute path of mlflow.db in the folder the command started from."""
     return "sqlite:///" + str((Path(start_dir or os.getcwd()) / "mlflow.db").resolve())
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def redact(text: str) -> str:
+    """Drops `user:password@` from URLs: credentials come from MLflow's env vars and are never logged."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1", text)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(CUT_MARKER)] + CUT_MARKER
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -26,74 +64,337 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             out.update(flatten(value, name + "."))
         else:
-            text = str(value)
-            out[name] = text if len(text) <= MAX_PARAM_LEN else text[: MAX_PARAM_LEN - len(CUT_MARKER)] + CUT_MARKER
+            out[name] = _cut(redact(str(value)), MAX_PARAM_LEN)
     return out
+
+
+def configure_http(uri: str) -> None:
+    """MLflow retries a failed HTTP request for minutes by default; we retry in the sender thread instead, so a
+    request fails in seconds. Users can still set these env vars themselves."""
+    if is_remote(uri):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def connect(uri: str, experiment: str):
+    """(client, experiment id): checks the store is reachable (fails fast with what to do) and gets or creates
+    the experiment, tolerating a parallel job creating it at the same time."""
+    from mlflow.tracking import MlflowClient
+
+    configure_http(uri)
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, TLS, auth, unreadable db ...
+        raise TrackingUnavailable(
+            f"Cannot reach the MLflow tracking store {redact(uri)}: {str(e).splitlines()[0][:300]}\n"
+            "Start the server (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or fix tracking.uri; credentials "
+            "come from MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN. To train without "
+            "it, drop tracking.uri (local sqlite store mlflow.db in this folder) or set tracking.enabled=false."
+        ) from None
+    if exp is not None:
+        return client, exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts next to the database, not in ./mlruns of whichever cwd
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client, client.create_experiment(experiment, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created meanwhile by another job
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return client, exp.experiment_id
+
+
+def git_tags(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the lcm_exp source checkout; {} when it is not one (a wheel install)."""
+    root = Path(path) if path else Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return {}
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"mlflow.source.git.commit": git("rev-parse", "HEAD"), "lcm_exp.git.dirty": str(dirty).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def run_tags(cfg=None) -> dict[str, str]:
+    """Provenance tags: git, Hydra overrides / job name / sweep, host, library versions."""
+    import diffusers
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    import lcm_exp
+
+    tags = {"lcm_exp.version": lcm_exp.__version__, "torch.version": torch.__version__,
+            "diffusers.version": diffusers.__version__, "host": socket.gethostname(), **git_tags()}
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        tags["hydra.overrides"] = redact(" ".join(hc.overrides.task)) or "(none)"
+        tags["hydra.job.name"] = hc.job.name
+        tags["hydra.mode"] = str(getattr(hc.mode, "name", hc.mode))
+        if tags["hydra.mode"].endswith("MULTIRUN"):
+            tags["hydra.job.num"] = str(hc.job.num)
+            tags["hydra.sweep.dir"] = str(Path(hc.sweep.dir).resolve())
+    if os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+        tags["lcm_exp.sweep_id"] = os.environ[PARENT_RUN_ENV]
+    return {k: _cut(str(v), MAX_TAG_LEN) for k, v in tags.items()}
+
+
+def default_run_name() -> str | None:
+    """In a sweep, "<job num>: <overrides>" so children are told apart at a glance; else MLflow's random name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and str(HydraConfig.get().mode).endswith("MULTIRUN"):
+        hc = HydraConfig.get()
+        return _cut(f"{hc.job.num}: {redact(' '.join(hc.overrides.task))}", 250)
+    return None
+
+
+def _retryable(e: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return not isinstance(e, MlflowException) or str(getattr(e, "error_code", "")) in _RETRYABLE
 
 
 class MLflowTracker:
     """One MLflow run per job; only the main process of a multi-process job talks to MLflow."""
 
     def __init__(self, uri: str | None = None, experiment: str = "lcm-distill", run_name: str | None = None,
-                 enabled: bool = True, start_dir: str | None = None):
-        self.uri = uri or default_uri(start_dir)
+                 enabled: bool = True, start_dir: str | None = None, flush_timeout: float = 30.0,
+                 retry_interval: float = 2.0, validation_steps=(1, 2, 4), validation_prompts=()):
+        self.start_dir = Path(start_dir or os.getcwd())
+        self.uri = uri or default_uri(self.start_dir)
         self.experiment, self.run_name, self.enabled = experiment, run_name, enabled
+        self.flush_timeout, self.retry_interval = float(flush_timeout), float(retry_interval)
+        self.validation_steps, self.validation_prompts = list(validation_steps), list(validation_prompts)
         self.client = None
         self.run_id: str | None = None
+        self.fallback_uri: str | None = None
+        # what was logged, to rebuild the run in a local store if the server is away at the end
+        self._params: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
+        self._history: list = []
+        self._artifacts: list[tuple[str, str | None]] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.caller_s = 0.0  # time the training loop spent in log_metrics (the overhead it sees)
+        self.send_s = 0.0  # time the sender spent in MLflow calls (what a synchronous logger would cost the loop)
+        self.n_calls = 0
+        self._loop_span = (0.0, 0.0)  # perf_counter of the first and the last log_metrics call
+        self.offline_since: float | None = None
 
+    # ----------------------------------------------------------------------------------------------------- start
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
               run_id: str | None = None) -> str | None:
-        """Starts (or, with `run_id`, continues) the run and logs the flattened params."""
+        """Starts (or, with `run_id`, continues) the run, logs the flattened params, starts the sender."""
         if not self.enabled:
             return None
-        import mlflow
-        from mlflow.tracking import MlflowClient
+        from mlflow.entities import Param
 
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        self.client, exp_id = connect(self.uri, self.experiment)
+        self.run_name = self.run_name or default_run_name()
+        self._tags = {k: str(v) for k, v in (tags or {}).items()}
+        self._params = flatten(params)
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(exp_id, run_name=self.run_name, tags=dict(tags or {}))
-            self.run_id = run.info.run_id
-            from mlflow.entities import Param
-
-            flat = [Param(k, v) for k, v in flatten(params).items()]
+            run = self.client.create_run(exp_id, run_name=self.run_name, tags=self._tags)
+            self.run_id, self.run_name = run.info.run_id, run.info.run_name
+            flat = [Param(k, v) for k, v in self._params.items()]
             for i in range(0, len(flat), 100):
                 self.client.log_batch(self.run_id, params=flat[i:i + 100])
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._thread.start()
+        log.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, self.run_name, self.experiment,
+                 redact(self.uri))
         return self.run_id
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        if self.client is None:
-            return
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
-
+    # ------------------------------------------------------------------------------------------- non-blocking API
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queues the points (timestamped now) and returns at once."""
         if self.client is None:
             return
-        import time
-
-        from mlflow.entities import Metric
-
+        t0 = time.perf_counter()
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        points = [(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._queue.put(("metrics", points))
+        self._history.extend(points)
+        self.n_calls += 1
+        self._loop_span = (self._loop_span[0] or t0, t0)
+        self.caller_s += time.perf_counter() - t0
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Queues a file or folder (it must stay in place until the run ends)."""
         if self.client is None:
             return
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        item = (str(Path(path).resolve()), artifact_path)
+        self._artifacts.append(item)
+        self._queue.put(("artifact", item))
 
-    def end(self, status: str = "FINISHED") -> None:
-        if self.client is not None:
-            self.client.set_terminated(self.run_id, status=status)
-            self.client = None
+    def set_tag(self, key: str, value: str) -> None:
+        self.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Queues tags (sent in order with the metrics)."""
+        if self.client is None:
+            return
+        for key, value in tags.items():
+            value = _cut(str(value), MAX_TAG_LEN)
+            self._tags[key] = value
+            self._queue.put(("tag", (key, value)))
+
+    # --------------------------------------------------------------------------------------------------- sender
+    def _send(self, kind: str, items: list) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        t0 = time.perf_counter()
+        if kind == "metrics":
+            batch = [Metric(*p) for p in items]
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        elif kind == "tag":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items])
+        else:
+            for path, artifact_path in items:
+                if Path(path).is_dir():
+                    self.client.log_artifacts(self.run_id, path, artifact_path)
+                else:
+                    self.client.log_artifact(self.run_id, path, artifact_path)
+        self.send_s += time.perf_counter() - t0
+
+    def _take(self, kind: str, item) -> None:
+        """Into the pending list, in order; consecutive metrics (or tags) merge into one batch."""
+        if self._pending and self._pending[-1][0] == kind and kind != "artifact":
+            self._pending[-1][1].extend(item if kind == "metrics" else [item])
+        else:
+            self._pending.append((kind, list(item) if kind == "metrics" else [item]))
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._take(*self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def _send_loop(self) -> None:
+        while True:
+            try:
+                self._take(*self._queue.get(timeout=0.2))
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            self._drain()
+            while self._pending:
+                kind, items = self._pending[0]
+                try:
+                    self._send(kind, items)
+                except Exception as e:  # noqa: BLE001
+                    if not _retryable(e):
+                        log.error("MLflow rejected %s %s: %s", kind, items[:3], e)
+                        self._pending.pop(0)
+                        continue
+                    if self.offline_since is None:
+                        self.offline_since = time.time()
+                        log.warning("MLflow store %s unreachable (%s); training goes on, metrics are kept and "
+                                    "sent when it is back", redact(self.uri), str(e).splitlines()[0][:200])
+                    if self._stop.wait(self.retry_interval) and self._abandon:
+                        return
+                    self._drain()
+                    continue
+                self._pending.pop(0)
+                if self.offline_since is not None:
+                    log.warning("MLflow store %s is back after %.0f s; buffered metrics sent", redact(self.uri),
+                                time.time() - self.offline_since)
+                    self.offline_since = None
+
+    _abandon = False
+
+    def unsent(self) -> int:
+        """Metric points not yet accepted by the store."""
+        return sum(len(items) for kind, items in list(self._pending) if kind == "metrics") + \
+            sum(len(item) for kind, item in list(self._queue.queue) if kind == "metrics")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Waits until everything queued is sent; False if that did not happen within `timeout` s."""
+        deadline = time.time() + (self.flush_timeout if timeout is None else timeout)
+        while time.time() < deadline:
+            if self._queue.empty() and not self._pending and (self._thread is None or self._thread.is_alive()):
+                time.sleep(0.05)  # an item taken but not yet in _pending
+                if self._queue.empty() and not self._pending:
+                    return True
+            time.sleep(0.05)
+        return False
+
+    # ------------------------------------------------------------------------------------------------------- end
+    def end(self, status: str = "FINISHED", error: BaseException | str | None = None) -> None:
+        """Flushes, ends the run with `status` (keeping `error` on it as tag and artifact), stops the sender.
+        If the server is still away, writes the whole run to a local sqlite store and says where."""
+        if self.client is None:
+            return
+        if error is not None:
+            text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
+            self.set_tag("lcm_exp.error", text[-MAX_TAG_LEN:])
+            err_file = Path(tempfile.mkdtemp(prefix="lcm_exp-")) / "error.txt"
+            try:
+                err_file.write_text(text)
+                self.log_artifact(err_file)
+            except OSError:
+                pass
+        span = self._loop_span[1] - self._loop_span[0]
+        if self.n_calls > 1 and span > 0:
+            log.info("tracking overhead: %d log_metrics calls took %.2f ms in the training loop = %.3f%% of its %.1f s "
+                     "(the sender spent %.0f ms in MLflow calls = %.1f%%, what synchronous logging would have cost)",
+                     self.n_calls, 1000 * self.caller_s, 100 * self.caller_s / span, span, 1000 * self.send_s,
+                     100 * self.send_s / span)
+        sent = self.flush()
+        self._abandon = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        if sent:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as e:  # noqa: BLE001
+                sent = False
+                log.warning("could not end run %s: %s", self.run_id, e)
+        if not sent:
+            self._write_fallback(status)
+        self.client = None
+
+    def _write_fallback(self, status: str) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        n = self.unsent()
+        self.fallback_uri = "sqlite:///" + str((self.start_dir / FALLBACK_DB).resolve())
+        client, exp_id = connect(self.fallback_uri, self.experiment)
+        tags = {**self._tags, "lcm_exp.remote_uri": redact(self.uri), "lcm_exp.remote_run_id": str(self.run_id)}
+        run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
+        rid = run.info.run_id
+        params = [Param(k, v) for k, v in self._params.items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(rid, params=params[i:i + 100])
+        metrics = [Metric(*p) for p in self._history]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(rid, metrics=metrics[i:i + 1000])
+        for path, artifact_path in self._artifacts:
+            if Path(path).is_dir():
+                client.log_artifacts(rid, path, artifact_path)
+            elif Path(path).exists():
+                client.log_artifact(rid, path, artifact_path)
+        client.log_batch(rid, tags=[RunTag("lcm_exp.unsent_points", str(n))])
+        client.set_terminated(rid, status=status)
+        log.warning("MLflow store %s still unreachable at the end of run %s: %d metric points were not sent. The "
+                    "whole run (params, tags, all %d metric points, artifacts) is in the local store %s as run %s; "
+                    "browse it with `mlflow ui --backend-store-uri %s`.", redact(self.uri), self.run_id, n,
+                    len(self._history), self.fallback_uri, rid, self.fallback_uri)

@@ -35,6 +35,12 @@ class Trainer:
     checkpoints_total_limit: int | None = 2
     resume: str | None = None
     output_dir: str = "."
+    # speed switches (each measured by lcm-exp-bench)
+    batched_cfg: bool = True  # the teacher's cond and uncond passes in one batched forward
+    channels_last: bool = False
+    attention: str = "sdpa"  # sdpa | xformers
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the student and teacher UNets (minutes of warm-up on a CPU)
 
     def __post_init__(self):
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu,
@@ -71,20 +77,63 @@ class Trainer:
         self.global_step = int(state["step"])
         return state
 
+    # ------------------------------------------------------------------------------------------------------ step
+    def prepare(self, lcd: LCD, student, ema: EMA, optimizer, lr_scheduler) -> None:
+        """Hands the trained parts to accelerate and applies the speed switches to the networks."""
+        acc = self.accelerator
+        for unet in (student.unet, lcd.teacher, ema.target):
+            apply_speed_switches(unet, self.channels_last, self.attention)
+        if self.gradient_checkpointing:
+            student.unet.enable_gradient_checkpointing()
+        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(student.unet, optimizer, lr_scheduler)
+        acc.register_for_checkpointing(ema)
+        lcd.student = torch.compile(self.unet) if self.compile else self.unet
+        if self.compile:
+            lcd.teacher = torch.compile(lcd.teacher)
+        self.lcd, self.ema, self._uncond = lcd, ema, None
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def condition(self, teacher, batch: dict, generator: torch.Generator):
+        """Step 1 of Alg. 1: z = E(x)·scale and the text conditions, or read them from a precomputed batch."""
+        acc = self.accelerator
+        if "latent_mean" in batch:  # data=cached: the VAE posterior and the text embeddings, computed once
+            mean, std = batch["latent_mean"].to(acc.device), batch["latent_std"].to(acc.device)
+            noise = torch.randn(mean.shape, generator=generator).to(acc.device, mean.dtype)
+            latents = (mean + std * noise).float() * teacher.vae.config.scaling_factor
+            cond = {"encoder_hidden_states": batch["encoder_hidden_states"].to(acc.device)}
+        else:
+            latents = teacher.encode_images(batch["pixels"].to(acc.device))
+            cond = teacher.encode_prompts(batch["captions"])
+        n = latents.shape[0]
+        if self._uncond is None or next(iter(self._uncond.values())).shape[0] != n:
+            self._uncond = teacher.encode_prompts([""] * n)  # once: the empty prompt never changes
+        return latents.contiguous(memory_format=self.memory_format), cond, self._uncond
+
+    def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float):
+        """One micro-step: the LCD loss, backward, and (when gradients sync) clip + optimiser + lr step."""
+        acc = self.accelerator
+        with acc.accumulate(self.unet), acc.autocast():
+            latents, cond, uncond = self.condition(teacher, batch, generator)
+            loss = self.lcd.loss(latents, cond, uncond, generator)
+            acc.backward(loss)
+            grad_norm = acc.clip_grad_norm_(self.unet.parameters(), max_grad_norm) if acc.sync_gradients else None
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:
+            self.ema.update()  # θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (Alg. 1)
+        return loss.detach(), grad_norm
+
     # ------------------------------------------------------------------------------------------------------ loop
     def fit(self, lcd: LCD, teacher, student, ema: EMA, optimizer, lr_scheduler, data, tracker, max_grad_norm: float,
             on_log=None, on_validate=None, resume_from: Path | None = None, ckpt_extra: dict | None = None) -> dict:
         """Runs optimiser steps until `max_steps`; returns the last logged stats."""
         acc = self.accelerator
-        unet, optimizer, lr_scheduler = acc.prepare(student.unet, optimizer, lr_scheduler)
-        acc.register_for_checkpointing(ema)
-        lcd.student = unet
+        self.prepare(lcd, student, ema, optimizer, lr_scheduler)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             log.info("resumed from %s at step %d", resume_from, self.global_step)
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step * 7919 + acc.process_index)
-
-        uncond = None
         batches = iter(data)
         stats: dict = {}
         window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "samples": 0, "skipped": 0}
@@ -93,30 +142,16 @@ class Trainer:
         while self.global_step < self.max_steps:
             for _ in range(self.gradient_accumulation_steps):
                 batch = next(batches)
-                with acc.accumulate(unet), acc.autocast():
-                    pixels = batch["pixels"].to(acc.device)
-                    latents = teacher.encode_images(pixels)  # Alg. 1: z = E(x)
-                    cond = teacher.encode_prompts(batch["captions"])
-                    if uncond is None or next(iter(uncond.values())).shape[0] != len(batch["captions"]):
-                        uncond = teacher.encode_prompts([""] * len(batch["captions"]))
-                    loss = lcd.loss(latents, cond, uncond, generator)
-                    acc.backward(loss)
-                    grad_norm = None
-                    if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(unet.parameters(), max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                window["loss"] += loss.detach().float().item()
+                loss, grad_norm = self.step(teacher, batch, generator, max_grad_norm)
+                window["loss"] += loss.float().item()
                 window["n"] += 1
                 window["samples"] += len(batch["captions"]) * acc.num_processes
                 window["skipped"] += batch.get("n_skipped", 0)
-            ema.update()  # θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (Alg. 1)
             self.global_step += 1
             last = self.global_step == self.max_steps
             if self.global_step % self.log_every == 0 or last:
                 dt = time.perf_counter() - window["t0"]
-                stats = {"train/loss": window["loss"] / window["n"], "train/lr": lr_scheduler.get_last_lr()[0],
+                stats = {"train/loss": window["loss"] / window["n"], "train/lr": self.lr_scheduler.get_last_lr()[0],
                          "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                          "train/samples_per_s": window["samples"] / dt,
                          "train/step_time_ms": 1000 * dt / max(1, window["n"] // self.gradient_accumulation_steps),
@@ -139,3 +174,12 @@ class Trainer:
 
     def unwrap(self, module):
         return self.accelerator.unwrap_model(module)
+
+
+def apply_speed_switches(unet, channels_last: bool, attention: str) -> None:
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention != "sdpa":
+        raise ValueError(f"trainer.attention={attention!r}: use sdpa or xformers")

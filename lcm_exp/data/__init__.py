@@ -11,7 +11,7 @@ def webdataset_loader(batch_size: int, urls: str | None = None, rank: int = 0, w
 
 
 def shapes_loader(batch_size: int, num_samples: int = 5000, resolution: int = 64, seed: int = 0,
-           cache_dir: str = "~/.cache/lcm_exp", rank: int = 0, world_size: int = 1, **cfg):
+                  cache_dir: str = "~/.cache/lcm_exp", rank: int = 0, world_size: int = 1, **cfg):
     """`data=shapes`: the embedded procedural dataset, written once as shards and read by the same loader."""
     from .shapes import ensure_shards
 
@@ -19,3 +19,4 @@ def shapes_loader(batch_size: int, num_samples: int = 5000, resolution: int = 64
     urls = ensure_shards(cache_dir, "train", num_samples, resolution, seed)
     return wds.loader(urls, batch_size=batch_size, resolution=resolution, seed=seed, rank=rank,
                       world_size=world_size, **cfg)
+

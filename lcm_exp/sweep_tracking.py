@@ -1,0 +1,58 @@
+"""A multirun sweep is one MLflow parent run with one child run per job, whichever launcher runs the jobs.
+
+`conf/config.yaml` registers `MLflowSweepCallback` under `hydra.callbacks`. Before any job starts it creates
+the store, the experiment and the parent run (once, so parallel jobs never race on them) and exports the
+parent's id in `LCM_EXP_PARENT_RUN_ID`; every job process inherits it (the basic launcher's, and joblib/loky
+workers, which are started after this) and tags its run `mlflow.parentRunId`. A failed job ends its own run
+FAILED (runner.py); Hydra then raises after the batch without calling `on_multirun_end`, so the parent is
+ended at exit in that case, FAILED.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .tracking import PARENT_RUN_ENV, connect, default_uri, redact, run_tags
+
+log = logging.getLogger(__name__)
+
+
+class MLflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.client = None
+        self.parent_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        tc = config.get("tracking")
+        if tc is None or not tc.get("enabled", True):
+            return
+        uri = tc.get("uri") or default_uri(os.getcwd())
+        self.client, exp_id = connect(uri, tc.get("experiment", "lcm-distill"))
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        tags = {k: v for k, v in run_tags().items() if not k.startswith("hydra.")}
+        tags.update({"lcm_exp.sweep": "parent", "hydra.sweep.dir": str(sweep_dir),
+                     "hydra.overrides": redact(" ".join(config.hydra.overrides.task)) or "(none)",
+                     "hydra.job.name": str(config.hydra.job.name)})
+        run = self.client.create_run(exp_id, run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}", tags=tags)
+        self.parent_id = run.info.run_id
+        os.environ[PARENT_RUN_ENV] = self.parent_id
+        atexit.register(self._end, "FAILED")
+        log.info("MLflow sweep: parent run %s at %s", self.parent_id, redact(uri))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._end("FINISHED")
+
+    def _end(self, status: str) -> None:
+        if self.client is None or self.parent_id is None:
+            return
+        try:
+            self.client.set_terminated(self.parent_id, status=status)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not end the sweep's parent run %s: %s", self.parent_id, e)
+        os.environ.pop(PARENT_RUN_ENV, None)
+        self.client = None

@@ -1,0 +1,94 @@
+"""Validation image grids: the online student and the target (EMA) sampled with diffusers'
+`LatentConsistencyModelPipeline` + `LCMScheduler` at a few step counts, fixed prompts and seed.
+
+One PNG per model and validation step (rows: step counts, columns: prompts), written under the job's
+output folder and logged as run artifacts `validation/step_<N>/<model>.png`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+PROMPTS = ("a large red circle in the center on a white background",
+           "a small blue square in the top left on a black background",
+           "a large green triangle on the right on a gray background",
+           "a small yellow cross at the bottom on a purple background")
+
+
+class Validator:
+    def __init__(self, teacher, student_unet, target_unet, skip_k: int, timestep_scaling: float, resolution: int,
+                 out_dir: str | Path, tracker=None, steps=(1, 2, 4), prompts=(), seed: int = 0,
+                 w: float = 7.0, unwrap=lambda m: m):
+        self.teacher, self.student_unet, self.target_unet, self.unwrap = teacher, student_unet, target_unet, unwrap
+        self.resolution, self.out_dir, self.tracker = int(resolution), Path(out_dir), tracker
+        self.steps, self.prompts = [int(s) for s in steps] or [1, 2, 4], list(prompts) or list(PROMPTS)
+        self.seed, self.w = int(seed), float(w)
+        self.original_inference_steps = teacher.num_train_timesteps // int(skip_k)  # the DDIM grid N = T // k
+        self.scheduler = LCMScheduler.from_config(
+            teacher.scheduler.config, original_inference_steps=self.original_inference_steps,
+            timestep_scaling=float(timestep_scaling), prediction_type=teacher.prediction_type)
+        self.last_step: int | None = None
+
+    def pipeline(self, unet) -> LatentConsistencyModelPipeline:
+        t = self.teacher
+        pipe = LatentConsistencyModelPipeline(vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, unet=unet,
+                                              scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def grid(self, unet) -> Image.Image:
+        unet = self.unwrap(unet)
+        was_training = unet.training
+        unet.eval()
+        try:
+            pipe = self.pipeline(unet)
+            rows = []
+            for n in self.steps:
+                gen = torch.Generator("cpu").manual_seed(self.seed)
+                latents = torch.randn((len(self.prompts), unet.config.in_channels, self.resolution // pipe.vae_scale_factor,
+                                       self.resolution // pipe.vae_scale_factor), generator=gen)
+                out = pipe(self.prompts, height=self.resolution, width=self.resolution, num_inference_steps=n,
+                           original_inference_steps=self.original_inference_steps, guidance_scale=self.w + 1.0,
+                           latents=latents.to(unet.device, unet.dtype), output_type="pil")
+                rows.append((n, out.images))
+        finally:
+            unet.train(was_training)
+        return make_grid(rows, self.resolution)
+
+    def __call__(self, step: int) -> list[Path]:
+        """Writes and logs the grids of the online student and the target at training step `step`."""
+        if self.last_step == step:
+            return []
+        self.last_step = step
+        folder = self.out_dir / "validation" / f"step_{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, unet in (("student", self.student_unet), ("target", self.target_unet)):
+            path = folder / f"{name}.png"
+            self.grid(unet).save(path)
+            paths.append(path)
+            if self.tracker is not None:
+                self.tracker.log_artifact(path, f"validation/step_{step:06d}")
+        log.info("validation grids at step %d: %s", step, folder)
+        return paths
+
+
+def make_grid(rows: list[tuple[int, list[Image.Image]]], size: int) -> Image.Image:
+    """Rows of images, each labelled with its step count in a left margin."""
+    margin = 28
+    cols = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (margin + cols * size, len(rows) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (n, images) in enumerate(rows):
+        draw.text((2, r * size + size // 2 - 5), f"{n}st", fill="black")
+        for c, img in enumerate(images):
+            grid.paste(img.convert("RGB").resize((size, size)), (margin + c * size, r * size))
+    return grid
