@@ -47,3 +47,16 @@ def _evaluate(cfg):
 def evaluate():
     """`lcm-exp-eval run=<mlflow run id> | dir=<run output folder> [eval.* overrides]`."""
     return _main("eval_cli", _evaluate)
+
+
+def _bench(cfg):
+    from .bench import report, run_bench
+    from .config import validate
+
+    validate(cfg)
+    print(report(run_bench(cfg)), flush=True)  # the last line is one JSON object
+
+
+def bench():
+    """`lcm-exp-bench [overrides]`: our training step against the reference step, side by side."""
+    return _main("bench", _bench)

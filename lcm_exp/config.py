@@ -170,6 +170,14 @@ class EvalConfig:
 
 
 @dataclass
+class BenchConfig:
+    warmup: int = 2  # untimed steps of each path
+    rounds: int = 4  # timed rounds; each runs steps_per_round of one path, then of the other (order alternates)
+    steps_per_round: int = 3
+    flops: bool = False  # count the model FLOPs of one step of each path (torch.utils.flop_counter)
+
+
+@dataclass
 class Config:
     teacher: TeacherConfig = MISSING
     student: StudentConfig = MISSING
@@ -185,8 +193,14 @@ class Config:
     eval: EvalConfig = MISSING
 
 
+@dataclass
+class BenchJobConfig(Config):
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
 def register() -> None:
     ConfigStore.instance().store(name="lcm_exp_schema", node=Config)
+    ConfigStore.instance().store(name="lcm_exp_bench_schema", node=BenchJobConfig)
 
 
 class ConfigError(ValueError):

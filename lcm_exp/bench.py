@@ -1,0 +1,233 @@
+"""`lcm-exp-bench`: training-step throughput and peak memory of our LCD step against the reference step
+structure (diffusers' `train_lcm_distill_sd_wds.py`), same teacher, batch, resolution and device.
+
+The reference, as the script runs it: the VAE and the text encoder every step, two separate teacher forward
+passes, teacher and target in fp32 (autocast does the casting), torch's default AdamW, a per-parameter EMA
+loop. Ours: `Trainer.step` with its speed switches: latents and text embeddings precomputed (data=cached),
+one batched teacher pass, teacher and target held in the mixed-precision dtype, a fused/foreach AdamW, a
+foreach EMA. Both draw the same random numbers in the same order from the same generator, so from equal
+weights they compute the same loss (tests/test_bench.py checks it). Timed steps are interleaved after warm-up.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import statistics
+import time
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .guidance import guidance_embedding
+from .lcd import LCD, boundary_scalings, x0_and_eps
+from .optim import lr_schedule
+
+log = logging.getLogger(__name__)
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Reference:
+    """The diffusers script's step, written the way the script writes it."""
+
+    name = "reference"
+
+    def __init__(self, s):
+        self.s = s
+        self.target = copy.deepcopy(s.student.unet).requires_grad_(False)  # fp32, like the script's target_unet
+        self.optimizer = torch.optim.AdamW(s.student.unet.parameters(), lr=s.lr)  # torch defaults
+        self.uncond = s.teacher.encode_prompts([""] * s.batch_size)["encoder_hidden_states"]  # once, as the script
+
+    def exclusive(self, other) -> list:
+        """Tensors only this path holds (subtracted from the other path's peak memory)."""
+        own = [*self.target.parameters(), *(t for st in self.optimizer.state.values() for t in st.values()
+                                            if torch.is_tensor(t))]
+        return own + ([] if other.teacher.unet is self.s.teacher.unet else list(self.s.teacher.unet.parameters()))
+
+    def step(self, generator):
+        s, acc = self.s, self.s.acc
+        unet, teacher_unet, ac = s.student.unet, s.teacher.unet, s.alphas_cumprod
+        with acc.autocast():
+            latents = s.teacher.vae.encode(s.pixels.to(s.teacher.vae.dtype)).latent_dist.sample(generator=generator)
+            latents = latents * s.teacher.vae.config.scaling_factor
+            prompt_embeds = s.teacher.text_encoder(s.input_ids)[0]
+            bsz = latents.shape[0]
+            index = torch.randint(0, s.skip.num_steps, (bsz,), generator=generator)
+            start_timesteps = s.skip.timesteps[index].to(latents.device)
+            timesteps = (start_timesteps - s.skip.k).clamp(min=0)
+            c_skip_start, c_out_start = [x.view(-1, 1, 1, 1) for x in boundary_scalings(start_timesteps)]
+            c_skip, c_out = [x.view(-1, 1, 1, 1) for x in boundary_scalings(timesteps)]
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+            a = ac[start_timesteps].view(-1, 1, 1, 1)
+            noisy_model_input = a.sqrt() * latents + (1 - a).sqrt() * noise
+            w = (s.w_min + (s.w_max - s.w_min) * torch.rand(bsz, generator=generator)).to(latents.device)
+            w_embedding = guidance_embedding(w, s.student.w_embedding_dim)
+            w = w.view(-1, 1, 1, 1)
+            noise_pred = unet(noisy_model_input, start_timesteps, timestep_cond=w_embedding,
+                              encoder_hidden_states=prompt_embeds).sample
+            pred_x_0, _ = x0_and_eps(noise_pred, start_timesteps, noisy_model_input, ac, s.prediction_type)
+            model_pred = c_skip_start * noisy_model_input + c_out_start * pred_x_0
+            with torch.no_grad():
+                cond_out = teacher_unet(noisy_model_input, start_timesteps, encoder_hidden_states=prompt_embeds).sample
+                cond_x0, cond_eps = x0_and_eps(cond_out.float(), start_timesteps, noisy_model_input, ac, s.prediction_type)
+                uncond_out = teacher_unet(noisy_model_input, start_timesteps, encoder_hidden_states=self.uncond).sample
+                uncond_x0, uncond_eps = x0_and_eps(uncond_out.float(), start_timesteps, noisy_model_input, ac,
+                                                   s.prediction_type)
+                pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
+                pred_noise = cond_eps + w * (cond_eps - uncond_eps)
+                a_prev = ac[timesteps].view(-1, 1, 1, 1)
+                x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * pred_noise  # DDIMSolver.ddim_step
+                target_noise_pred = self.target(x_prev.float(), timesteps, timestep_cond=w_embedding,
+                                                encoder_hidden_states=prompt_embeds).sample
+                pred_x_0, _ = x0_and_eps(target_noise_pred, timesteps, x_prev, ac, s.prediction_type)
+                target = c_skip * x_prev + c_out * pred_x_0
+            loss = s.distance(model_pred.float(), target.float())
+            acc.backward(loss)
+            acc.clip_grad_norm_(unet.parameters(), s.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the script's update_ema: one parameter at a time
+            for targ, src in zip(self.target.parameters(), unet.parameters()):
+                targ.detach().mul_(s.decay).add_(src, alpha=1 - s.decay)
+        return loss.detach()
+
+
+class Ours:
+    """`Trainer.step` on precomputed latents/embeddings, with the configured speed switches."""
+
+    name = "ours"
+
+    def __init__(self, s):
+        self.s = s
+        teacher = copy.copy(s.teacher)  # shares the VAE/text encoder; its UNet may become a cast copy
+        cast = s.trainer.weight_dtype != torch.float32 and s.teacher.cast_to_mixed_precision
+        teacher.unet = copy.deepcopy(s.teacher.unet).to(s.trainer.weight_dtype) if cast else s.teacher.unet
+        self.teacher = teacher
+        self.ema = instantiate(s.cfg.ema)(online=s.student.unet, dtype=s.trainer.weight_dtype)
+        optimizer = instantiate(s.cfg.optim)(params=s.student.trainable_parameters())
+        scheduler = lr_schedule(optimizer, "constant", 0, 10 ** 9)
+        lcd = LCD(student=s.student.unet, target=self.ema.target, teacher=teacher.unet, alphas_cumprod=s.alphas_cumprod,
+                  prediction_type=s.prediction_type, solver=instantiate(s.cfg.solver), skip=s.skip,
+                  guidance=instantiate(s.cfg.guidance), distance=s.distance, w_embedding_dim=s.student.w_embedding_dim,
+                  sigma_data=s.student.sigma_data, timestep_scaling=s.student.timestep_scaling,
+                  teacher_dtype=s.trainer.weight_dtype if cast else torch.float32,
+                  batched_cfg=s.cfg.trainer.batched_cfg)
+        s.trainer.prepare(lcd, s.student, self.ema, optimizer, scheduler)
+        with torch.no_grad():  # data=cached: what `lcm-exp-precompute` stores per sample
+            posterior = s.teacher.vae.encode(s.pixels).latent_dist
+            self.batch = {"latent_mean": posterior.mean, "latent_std": posterior.std, "captions": s.captions,
+                          "encoder_hidden_states": s.teacher.text_encoder(s.input_ids)[0]}
+
+    def exclusive(self, other) -> list:
+        ema = self.ema
+        own = list(ema.target.parameters()) + (list(ema._master) if ema._master is not ema._target_params else [])
+        own += [t for st in self.s.trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        return own + ([] if self.teacher.unet is self.s.teacher.unet else list(self.teacher.unet.parameters()))
+
+    def step(self, generator):
+        loss, _ = self.s.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm)
+        return loss
+
+
+class Setup:
+    """What both paths share: teacher, student, batch, device."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.trainer = instantiate(cfg.trainer)(output_dir=".")
+        self.acc = self.trainer.accelerator
+        device = self.acc.device
+        self.teacher = instantiate(cfg.teacher)
+        for m in (self.teacher.unet, self.teacher.vae, self.teacher.text_encoder):
+            m.to(device)
+        self.student = instantiate(cfg.student, teacher=self.teacher)
+        self.student.unet.to(device)
+        self.batch_size, self.lr = cfg.trainer.batch_size, cfg.optim.lr
+        self.max_grad_norm, self.decay = cfg.optim.max_grad_norm, cfg.ema.decay
+        self.w_min, self.w_max = cfg.guidance.w_min, cfg.guidance.w_max
+        self.skip = instantiate(cfg.skip)(num_train_timesteps=self.teacher.num_train_timesteps)
+        self.distance = instantiate(cfg.loss)
+        self.alphas_cumprod = self.teacher.scheduler.alphas_cumprod.to(device)
+        self.prediction_type = self.teacher.prediction_type
+        batch = next(iter(instantiate(cfg.data)(batch_size=self.batch_size)))
+        self.pixels, self.captions = batch["pixels"].to(device), batch["captions"]
+        tok = self.teacher.tokenizer
+        self.input_ids = tok(self.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(device)
+
+
+def count_flops(path, seed: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        path.step(torch.Generator().manual_seed(seed))
+    return counter.get_total_flops()
+
+
+def run_bench(cfg: DictConfig) -> dict:
+    b = cfg.bench
+    s = Setup(cfg)
+    device = s.acc.device
+    paths = [Reference(s), Ours(s)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(b.warmup):
+        for p in paths:
+            p.step(gen)
+    times = {p.name: [] for p in paths}
+    peak = {p.name: 0 for p in paths}
+    for r in range(b.rounds):
+        for p in (paths if r % 2 == 0 else paths[::-1]):  # alternate the order: drift hits both alike
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(b.steps_per_round):
+                _sync(device)
+                t0 = time.perf_counter()
+                p.step(gen)
+                _sync(device)
+                times[p.name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                other = next(q for q in paths if q is not p)
+                peak[p.name] = max(peak[p.name], torch.cuda.max_memory_allocated(device) - _bytes(other.exclusive(p)))
+    flops = {p.name: count_flops(p, 1) for p in paths} if b.flops else {}
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "batch_size": s.batch_size, "resolution": cfg.data.resolution,
+              "mixed_precision": s.trainer.accelerator.mixed_precision, "steps_timed": len(times["ours"])}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result |= {f"{name}_ms_median": 1000 * med, f"{name}_ms_min": 1000 * min(ts), f"{name}_ms_max": 1000 * max(ts),
+                   f"{name}_samples_per_s": s.batch_size / med,
+                   f"{name}_peak_mem_mb": peak[name] / 2 ** 20 if device.type == "cuda" else None}
+        if flops:
+            result[f"{name}_tflop_per_step"] = flops[name] / 1e12
+            result[f"{name}_tflop_per_s"] = flops[name] / med / 1e12
+            peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
+            if peak_flops:
+                result[f"{name}_frac_of_bf16_peak"] = flops[name] / med / peak_flops
+    result["speedup"] = result["ours_samples_per_s"] / result["reference_samples_per_s"]
+    del paths, s
+    gc.collect()
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [f"device {result['device']}, batch {result['batch_size']}, {result['resolution']} px, "
+             f"mixed precision {result['mixed_precision']}, {result['steps_timed']} timed steps per path"]
+    for name in ("reference", "ours"):
+        mem = result.get(f"{name}_peak_mem_mb")
+        lines.append(f"{name:>9}: {result[f'{name}_samples_per_s']:8.2f} samples/s  ms/step median "
+                     f"{result[f'{name}_ms_median']:.1f} (min {result[f'{name}_ms_min']:.1f}, max "
+                     f"{result[f'{name}_ms_max']:.1f})" + (f"  peak {mem:.0f} MB" if mem is not None else "")
+                     + (f"  {result[f'{name}_tflop_per_s']:.1f} TFLOP/s" if f"{name}_tflop_per_s" in result else ""))
+    lines.append(f"speedup {result['speedup']:.2f}x")
+    return "\n".join(lines + [json.dumps(result)])
