@@ -60,3 +60,21 @@ def _bench(cfg):
 def bench():
     """`lcm-exp-bench [overrides]`: our training step against the reference step, side by side."""
     return _main("bench", _bench)
+
+
+def _precompute(cfg):
+    from hydra.utils import instantiate
+
+    from .data.cached import precompute
+
+    teacher = instantiate(cfg.teacher)
+    p = cfg.precompute
+    batches = instantiate(cfg.data)(batch_size=p.batch_size, resampled=False, shuffle_buffer=0)
+    urls = precompute(teacher, batches, p.out, p.num_samples, p.samples_per_shard)
+    print(f"train from them with: lcm-exp data=cached data.urls='{urls[0].rsplit('-', 1)[0]}-{{00000..{len(urls) - 1:05d}}}.tar'")
+
+
+def precompute():
+    """`lcm-exp-precompute precompute.out=DIR [data=webdataset data.urls=...] [teacher=...]`: latents and text
+    embeddings computed once, for `data=cached`."""
+    return _main("precompute", _precompute)

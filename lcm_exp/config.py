@@ -194,6 +194,19 @@ class Config:
 
 
 @dataclass
+class PrecomputeConfig:
+    out: str = MISSING  # folder of the cached shards
+    num_samples: int = 5000
+    batch_size: int = 32
+    samples_per_shard: int = 1000
+
+
+@dataclass
+class PrecomputeJobConfig(Config):
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+
+
+@dataclass
 class BenchJobConfig(Config):
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -201,6 +214,7 @@ class BenchJobConfig(Config):
 def register() -> None:
     ConfigStore.instance().store(name="lcm_exp_schema", node=Config)
     ConfigStore.instance().store(name="lcm_exp_bench_schema", node=BenchJobConfig)
+    ConfigStore.instance().store(name="lcm_exp_precompute_schema", node=PrecomputeJobConfig)
 
 
 class ConfigError(ValueError):

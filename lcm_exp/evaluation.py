@@ -274,12 +274,19 @@ def eval_prompts(cfg, evaluator: Evaluator, real_batch: Callable[[], dict] | Non
 
 
 def is_shapes(cfg) -> bool:
-    return str(cfg.data.get("_target_", "")).endswith(".shapes_loader")
+    target = str(cfg.data.get("_target_", ""))
+    return target.endswith(".shapes_loader") or (target.endswith(".cached_loader") and not cfg.data.get("urls"))
 
 
 def data_loader(cfg, batch_size: int):
+    """Real images of the dataset (for data=cached from shapes: the shapes images it was computed from)."""
     from hydra.utils import instantiate
 
+    from .data import shapes_loader
+
+    if is_shapes(cfg) and str(cfg.data._target_).endswith(".cached_loader"):
+        return shapes_loader(batch_size=batch_size, num_samples=cfg.data.num_samples, resolution=cfg.data.resolution,
+                             seed=cfg.data.seed, cache_dir=cfg.data.cache_dir)
     return instantiate(cfg.data)(batch_size=batch_size, rank=0, world_size=1)
 
 

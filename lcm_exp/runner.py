@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> float:
         n = acc.num_processes  # accelerate steps a prepared scheduler once per process
         scheduler = lr_schedule(optimizer, cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps * n, cfg.trainer.max_steps * n)
         data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size, rank=acc.process_index,
-                                     world_size=acc.num_processes)
+                                     world_size=acc.num_processes, teacher=teacher)
         validator = Validator(teacher, student.unet, ema.target, skip_k=cfg.skip.k,
                               timestep_scaling=student.timestep_scaling, resolution=cfg.data.resolution,
                               out_dir=out_dir, tracker=tracker, steps=tracker.validation_steps,

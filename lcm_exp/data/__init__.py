@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import wds
+from .cached import cached_loader  # noqa: F401  (data=cached)
 
 
 def webdataset_loader(batch_size: int, urls: str | None = None, rank: int = 0, world_size: int = 1, **cfg):
