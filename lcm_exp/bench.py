@@ -124,10 +124,12 @@ class Ours:
                   teacher_dtype=s.trainer.weight_dtype if cast else torch.float32,
                   batched_cfg=s.cfg.trainer.batched_cfg)
         s.trainer.prepare(lcd, s.student, self.ema, optimizer, scheduler)
-        with torch.no_grad():  # data=cached: what `lcm-exp-precompute` stores per sample
-            posterior = s.teacher.vae.encode(s.pixels).latent_dist
-            self.batch = {"latent_mean": posterior.mean, "latent_std": posterior.std, "captions": s.captions,
-                          "encoder_hidden_states": s.teacher.text_encoder(s.input_ids)[0]}
+        self.batch = {"pixels": s.pixels, "captions": s.captions}
+        if s.cfg.bench.cached:
+            with torch.no_grad():  # data=cached: what `lcm-exp-precompute` stores per sample
+                posterior = s.teacher.vae.encode(s.pixels).latent_dist
+                self.batch = {"latent_mean": posterior.mean, "latent_std": posterior.std, "captions": s.captions,
+                              "encoder_hidden_states": s.teacher.text_encoder(s.input_ids)[0]}
 
     def exclusive(self, other) -> list:
         ema = self.ema

@@ -25,6 +25,7 @@ class TeacherConfig:
     vae: Optional[str] = None  # alternative VAE folder or hub id
     cast_to_mixed_precision: bool = True  # run the frozen teacher in the mixed-precision dtype
     cache_dir: str = "~/.cache/lcm_exp"  # where built tiny teachers and datasets are kept
+    in_memory: bool = False  # random-weight teachers only: build in memory, write nothing (benchmarks)
     arch: Dict[str, Any] = field(default_factory=dict)  # architecture of a teacher built from config
     build: Dict[str, Any] = field(default_factory=dict)  # recipe of a teacher trained by the project
 
@@ -105,6 +106,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    fused: Optional[bool] = None  # AdamW: null = fused on CUDA, foreach elsewhere
     lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -175,6 +177,7 @@ class BenchConfig:
     rounds: int = 4  # timed rounds; each runs steps_per_round of one path, then of the other (order alternates)
     steps_per_round: int = 3
     flops: bool = False  # count the model FLOPs of one step of each path (torch.utils.flop_counter)
+    cached: bool = True  # ours reads precomputed latents/embeddings (data=cached); false: VAE + text encoder
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .tokenizer import build_clip_tokenizer
 DEFAULT_ARCH = dict(
     seed=0, prediction_type="epsilon", unet_channels=[32, 64], layers_per_block=1, cross_attention_dim=32,
     attention_head_dim=8, norm_num_groups=8, vae_channels=[16, 32, 32], text_hidden=32, text_layers=2,
-    text_heads=4, max_length=32,
+    text_heads=4, max_length=32, sample_size=8, vae_layers_per_block=1, text_intermediate=None,
 )
 WORDS = "a an the small large big red green blue yellow purple orange white black gray grey circle square " \
         "triangle cross in on at of top bottom left right center middle background and photo".split()
@@ -30,11 +30,16 @@ WORDS = "a an the small large big red green blue yellow purple orange white blac
 
 def build_folder(path: Path, arch: dict) -> None:
     """Writes a tiny random SD-shaped pipeline (unet, vae, text_encoder, tokenizer, scheduler) to `path`."""
+    save_pipeline_folder(path, **build_components(arch))
+
+
+def build_components(arch: dict) -> dict:
+    """A random SD-shaped pipeline's components from `arch` (any size: the default is tiny; see sd15_random)."""
     a = {**DEFAULT_ARCH, **arch}
     torch.manual_seed(a["seed"])
     ch, n = list(a["unet_channels"]), len(a["unet_channels"])
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=ch, layers_per_block=a["layers_per_block"],
+        sample_size=a["sample_size"], in_channels=4, out_channels=4, block_out_channels=ch, layers_per_block=a["layers_per_block"],
         down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
         cross_attention_dim=a["cross_attention_dim"], attention_head_dim=a["attention_head_dim"],
@@ -42,17 +47,18 @@ def build_folder(path: Path, arch: dict) -> None:
     vch = list(a["vae_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vch,
                         down_block_types=["DownEncoderBlock2D"] * len(vch), up_block_types=["UpDecoderBlock2D"] * len(vch),
-                        norm_num_groups=a["norm_num_groups"], sample_size=8 * 2 ** (len(vch) - 1))
+                        layers_per_block=a["vae_layers_per_block"], norm_num_groups=a["norm_num_groups"],
+                        sample_size=a["sample_size"] * 2 ** (len(vch) - 1))
     tokenizer = build_clip_tokenizer(WORDS, model_max_length=a["max_length"])
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=a["text_hidden"], intermediate_size=2 * a["text_hidden"],
+        vocab_size=len(tokenizer), hidden_size=a["text_hidden"], intermediate_size=a["text_intermediate"] or 2 * a["text_hidden"],
         projection_dim=a["cross_attention_dim"], num_hidden_layers=a["text_layers"], num_attention_heads=a["text_heads"],
         max_position_embeddings=a["max_length"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     assert a["text_hidden"] == a["cross_attention_dim"], "text_hidden must equal cross_attention_dim"
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type=a["prediction_type"], clip_sample=False)
-    save_pipeline_folder(path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
 def save_pipeline_folder(path: Path, **components) -> None:
@@ -86,7 +92,13 @@ def cached_folder(cache_dir: str, prefix: str, spec: dict) -> Path:
 
 
 def load(name: str, pretrained: str | None = None, cache_dir: str = "~/.cache/lcm_exp", arch: dict | None = None,
-         **kw) -> Teacher:
+         in_memory: bool = False, **kw) -> Teacher:
+    if in_memory:  # random weights at a large size (benchmarks): nothing worth writing to disk
+        c = build_components(arch or {})
+        for m in (c["unet"], c["vae"], c["text_encoder"]):
+            m.requires_grad_(False).eval()
+        return Teacher(name=name, path=f"<in memory: {name}>", **c,
+                       cast_to_mixed_precision=kw.get("cast_to_mixed_precision", True))
     if not pretrained:
         a = {**DEFAULT_ARCH, **(arch or {})}
         path = cached_folder(cache_dir, "tiny_random", a)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU figure of issue 8: lcm-exp-bench on an SD-1.5-shaped teacher (random weights, built in memory) at
+# 512 px (64x64 latents), batch 12, bf16 -- all speed switches on, then each one off in turn.
+# Run from the repository root on a CUDA machine; the packages the image lacks come as wheels:
+#   WHEELS=.gpu/wheels OUT=/tmp/out bash scripts/gpu_bench.sh
+set -uo pipefail
+WHEELS=${WHEELS:-.gpu/wheels}
+OUT=${OUT:-/tmp/gpu_bench}
+TEACHER=${TEACHER:-teacher=sd15_random}
+EXTRA=${EXTRA:-trainer.batch_size=12 data.resolution=512 data.num_samples=12 trainer.mixed_precision=bf16}
+mkdir -p "$OUT"
+if ! python3 -c "import diffusers, hydra, webdataset" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl || exit 1
+fi
+export PYTHONPATH=$PWD MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+run() {  # NAME OVERRIDES...
+  local name=$1; shift
+  echo "=== $name: $*"
+  timeout 300 python3 -c "from lcm_exp.cli import bench; bench()" $TEACHER $EXTRA bench.rounds=3 \
+      bench.steps_per_round=2 hydra.run.dir="/tmp/lcm_bench_runs/$name" "$@" > "/tmp/lcm_bench_$name.log" 2>&1
+  local rc=$?
+  { echo "=== $name: $*"; cat "/tmp/lcm_bench_$name.log"; } >> "$OUT/all.log"
+  tail -5 "/tmp/lcm_bench_$name.log" | head -4
+  [[ $rc == 0 ]] && echo "{\"config\": \"$name\", \"result\": $(tail -1 "/tmp/lcm_bench_$name.log")}" >> "$OUT/results.jsonl" \
+                 || echo "$name failed (rc $rc)"
+}
+run all_on bench.flops=true
+run no_precompute bench.cached=false
+run no_batched_cfg trainer.batched_cfg=false
+run fp32_teacher_and_target teacher.cast_to_mixed_precision=false ema.cast_to_mixed_precision=false
+run no_fused_adamw optim.fused=false
+run channels_last trainer.channels_last=true
+run grad_checkpointing trainer.gradient_checkpointing=true
+python3 - "$OUT/results.jsonl" <<'PY'
+import json, sys
+print(f"{'config':<26}{'ref s/s':>9}{'ours s/s':>9}{'speedup':>8}{'ref MB':>9}{'ours MB':>9}")
+for line in open(sys.argv[1]):
+    r = json.loads(line); x = r["result"]
+    print(f"{r['config']:<26}{x['reference_samples_per_s']:9.2f}{x['ours_samples_per_s']:9.2f}{x['speedup']:8.2f}"
+          f"{x['reference_peak_mem_mb'] or 0:9.0f}{x['ours_peak_mem_mb'] or 0:9.0f}")
+    if "ours_frac_of_bf16_peak" in x:
+        print(f"  model TFLOP/step ref {x['reference_tflop_per_step']:.2f} ours {x['ours_tflop_per_step']:.2f}; "
+              f"TFLOP/s ref {x['reference_tflop_per_s']:.0f} ours {x['ours_tflop_per_s']:.0f}; "
+              f"of bf16 peak ref {x['reference_frac_of_bf16_peak']:.1%} ours {x['ours_frac_of_bf16_peak']:.1%}")
+PY
