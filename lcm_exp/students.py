@@ -29,7 +29,7 @@ def full(teacher, time_cond_proj_dim: int = 256, sigma_data: float = 0.5, timest
          **_) -> Student:
     """A full UNet copied from the teacher with the guidance projection added (`time_cond_proj_dim`), as
     the diffusers LCD script does: the new `cond_proj` layer starts at zero so the student starts as the teacher."""
-    config = dict(teacher.unet.config)
+    config = {k: v for k, v in teacher.unet.config.items() if not k.startswith("_")}  # not _use_default_values
     config["time_cond_proj_dim"] = time_cond_proj_dim
     unet = UNet2DConditionModel.from_config(config)
     missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
