@@ -47,3 +47,16 @@ def _evaluate(cfg):
 def evaluate():
     """`lcm-exp-eval run=<mlflow run id> | dir=<run output folder> [eval.* overrides]`."""
     return _main("eval_cli", _evaluate)
+
+
+def _export(cfg):
+    from .export import export_checkpoint
+
+    if not cfg.checkpoint:
+        raise SystemExit("lcm-exp-export: give checkpoint=<checkpoint-<step> folder or run output folder>")
+    export_checkpoint(cfg.checkpoint, out=cfg.out, model=cfg.model, device=cfg.device or "cpu")
+
+
+def export():
+    """`lcm-exp-export checkpoint=<checkpoint folder | run folder> [out=DIR] [model=target|online]`."""
+    return _main("export_cli", _export)

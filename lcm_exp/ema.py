@@ -28,3 +28,22 @@ class EMA:
 
     def load_state_dict(self, state):
         self.target.load_state_dict(state)
+
+
+class OnlineTarget:
+    """No EMA: the target f_θ⁻ is the online student itself, called under no_grad (the diffusers LCM-LoRA
+    scripts' choice; `student.ema_target=false`)."""
+
+    decay = 0.0
+
+    def __init__(self, online: torch.nn.Module):
+        self.target = online
+
+    def update(self) -> None:
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass

@@ -93,7 +93,10 @@ class Evaluator:
         spacing = dict(timestep_spacing=self.timestep_spacing, steps_offset=1)  # SD's offset; unused by trailing
         ddim = DDIMScheduler.from_config(conf, **spacing)
         dpm = DPMSolverMultistepScheduler.from_config(conf, algorithm_type="dpmsolver++", **spacing)
-        pipes = {"student": LatentConsistencyModelPipeline(unet=student_unet, scheduler=lcm, **parts),
+        # A student without a w input (LCM-LoRA) samples with the plain pipeline and LCMScheduler, no CFG.
+        student_cls = (LatentConsistencyModelPipeline if student_unet.config.time_cond_proj_dim is not None
+                       else StableDiffusionPipeline)
+        pipes = {"student": student_cls(unet=student_unet, scheduler=lcm, **parts),
                  "teacher_ddim": StableDiffusionPipeline(unet=teacher.unet, scheduler=ddim, **parts),
                  "teacher_dpmpp": StableDiffusionPipeline(unet=teacher.unet, scheduler=dpm, **parts)}
         for p in pipes.values():
@@ -128,8 +131,12 @@ class Evaluator:
         out = {"reference": self._sample(pipes["teacher_ddim"], prompts, noise, self.reference_steps, w)}
         for model, pipe in pipes.items():
             for n in self.steps:
-                kw = {"original_inference_steps": original_inference_steps} if model == "student" else {}
-                out[f"{model}_{n}step"] = self._sample(pipe, prompts, noise, n, w, **kw)
+                kw, w_n = {}, w
+                if model == "student" and student_unet.config.time_cond_proj_dim is not None:
+                    kw = {"original_inference_steps": original_inference_steps}
+                elif model == "student":  # w is distilled into the LoRA: guidance_scale = w + 1 = 1 (no CFG)
+                    w_n = 0.0
+                out[f"{model}_{n}step"] = self._sample(pipe, prompts, noise, n, w_n, **kw)
         return out
 
     @torch.no_grad()
