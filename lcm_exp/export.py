@@ -25,8 +25,10 @@ def lcm_scheduler(teacher, k: int, timestep_scaling: float):
     """The teacher's noise schedule as an LCMScheduler on the training skip-step grid."""
     from diffusers import LCMScheduler
 
+    # clip_sample=False: LCM's own setting (clipping latents to [-1, 1] is wrong; a DDPM config read from SD 1.5's
+    # PNDM config would carry DDPM's default True)
     return LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=teacher.num_train_timesteps // k,
-                                    timestep_scaling=timestep_scaling)
+                                    timestep_scaling=timestep_scaling, clip_sample=False)
 
 
 def pipeline(teacher, unet, scheduler):

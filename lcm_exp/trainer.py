@@ -96,9 +96,10 @@ class Trainer:
                 with acc.accumulate(unet), acc.autocast():
                     pixels = batch["pixels"].to(acc.device)
                     latents = teacher.encode_images(pixels)  # Alg. 1: z = E(x)
-                    cond = teacher.encode_prompts(batch["captions"])
-                    if uncond is None or next(iter(uncond.values())).shape[0] != len(batch["captions"]):
-                        uncond = teacher.encode_prompts([""] * len(batch["captions"]))
+                    micro = batch.get("micro_conditioning")  # SDXL: per-sample original size, crop coords
+                    cond = teacher.encode_prompts(batch["captions"], micro)
+                    if (micro and hasattr(teacher, "time_ids")) or uncond is None or next(iter(uncond.values())).shape[0] != len(batch["captions"]):
+                        uncond = teacher.encode_prompts([""] * len(batch["captions"]), micro)
                     loss = lcd.loss(latents, cond, uncond, generator)
                     acc.backward(loss)
                     grad_norm = None
