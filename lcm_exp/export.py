@@ -110,13 +110,11 @@ def load_trained(cfg: DictConfig, teacher, student, ema, path: Path) -> int:
     step = json.loads((path / "lcm_exp_run.json").read_text()).get("step", 0) if (path / "lcm_exp_run.json").exists() else 0
     if student.kind == "lora":
         from peft import set_peft_model_state_dict
-        from diffusers.utils import convert_unet_state_dict_to_peft
 
         for sub, net in (("student_lora", student.unet), ("target_lora", ema.target)):
             f = path / sub / "pytorch_lora_weights.safetensors"
             if f.exists():
-                sd = {k.removeprefix("unet."): v for k, v in load_file(f).items()}
-                set_peft_model_state_dict(net, convert_unet_state_dict_to_peft(sd))
+                set_peft_model_state_dict(net, {k.removeprefix("unet."): v for k, v in load_file(f).items()})
         return step
     from diffusers import UNet2DConditionModel
 

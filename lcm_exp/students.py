@@ -139,8 +139,9 @@ def lora(teacher, lora_rank: int = 64, lora_alpha: int = 64, lora_dropout: float
 
 
 def lora_state_dict(unet) -> dict:
-    """The adapters of a peft-adapted UNet in the diffusers LoRA format (`save_lora_weights` / `load_lora_weights`)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapters of a peft-adapted UNet, peft-named (`lora_A`/`lora_B`), for `save_lora_weights`, which
+    `load_lora_weights` reads back exactly. (`convert_state_dict_to_diffusers` would rename the attention
+    adapters to the old `lora.down`/`lora.up` names, which diffusers 0.42 then fails to load for them.)"""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
