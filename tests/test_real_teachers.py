@@ -59,8 +59,9 @@ def test_acceptance_sd15_lora_then_full(layouts, cache, tmp_path):
     d = layouts["sd15"]
     common = [f"data.cache_dir={cache}", "data.num_samples=64", "eval.steps=[4]", "eval.num_prompts=2",
               "eval.reference_steps=4", "trainer.batch_size=2"]
+    (tmp_path / "lora").mkdir()
     out = cli("train", "teacher=sd15", f"teacher.pretrained={d}", "student=lora", "trainer.max_steps=3",
-              "data.resolution=32", *common, cwd=tmp_path / "lora" if (tmp_path / "lora").mkdir() is None else None)
+              "data.resolution=32", *common, cwd=tmp_path / "lora")
     art = model_artifact(tmp_path / "lora")
     assert "lcm-exp: exported model:" in out
     assert sorted(p.name for p in art.iterdir()) == ["lcm_exp_export.json", "pytorch_lora_weights.safetensors",
@@ -129,11 +130,13 @@ def test_teacher_with_full_and_lora_students(layout, layouts, cache, tmp_path, m
 
 
 def test_export_command_from_a_checkpoint(layouts, cache, tmp_path):
-    """`lcm-exp-export checkpoint=...` rebuilds the run's student from its config and exports that checkpoint."""
+    """`lcm-exp-export checkpoint=...` rebuilds the run's student from its config and exports that checkpoint
+    (the run: consistency training from scratch with a stochastic-depth student)."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     cli("train", "teacher=sd15", f"teacher.pretrained={layouts['sd15']}", f"data.cache_dir={cache}",
-        "eval.enabled=false", "trainer.checkpoint_every=2", "student.stochastic_depth=0.2", *SHORT, cwd=tmp_path)
+        "eval.enabled=false", "trainer.checkpoint_every=2", "student.stochastic_depth=0.2", "method=ct",
+        "method.from_scratch=true", *SHORT, cwd=tmp_path)
     (ckpt,) = tmp_path.glob("outputs/*/*/checkpoints/checkpoint-2")
     out = cli("export", f"checkpoint={ckpt}", f"out={tmp_path / 'exported'}", cwd=tmp_path)
     assert f"exported step 2 (full, target) to {tmp_path / 'exported'}" in out
