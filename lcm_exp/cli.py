@@ -78,3 +78,16 @@ def precompute():
     """`lcm-exp-precompute precompute.out=DIR [data=webdataset data.urls=...] [teacher=...]`: latents and text
     embeddings computed once, for `data=cached`."""
     return _main("precompute", _precompute)
+
+
+def _export(cfg):
+    from .export import export_checkpoint
+
+    if not cfg.checkpoint:
+        raise SystemExit("lcm-exp-export: give checkpoint=<checkpoint-<step> folder or run output folder>")
+    export_checkpoint(cfg.checkpoint, out=cfg.out, model=cfg.model, device=cfg.device or "cpu")
+
+
+def export():
+    """`lcm-exp-export checkpoint=<checkpoint folder | run folder> [out=DIR] [model=target|online]`."""
+    return _main("export_cli", _export)

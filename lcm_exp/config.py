@@ -28,6 +28,8 @@ class TeacherConfig:
     in_memory: bool = False  # random-weight teachers only: build in memory, write nothing (benchmarks)
     arch: Dict[str, Any] = field(default_factory=dict)  # architecture of a teacher built from config
     build: Dict[str, Any] = field(default_factory=dict)  # recipe of a teacher trained by the project
+    resolution: Optional[int] = None  # SDXL micro-conditioning: original/target size when the data gives none
+    force_zeros_for_empty_prompt: Optional[bool] = None  # SDXL: uncond = zeros (null: the pipeline's setting)
 
 
 @dataclass
@@ -41,7 +43,20 @@ class StudentConfig:
     lora_alpha: int = 64
     lora_dropout: float = 0.0
     lora_target_modules: List[str] = field(default_factory=list)
-    ema_target: bool = True  # LoRA only: keep an EMA target (the full student always has one)
+    ema_target: bool = True  # LoRA only: keep an EMA target (the full student always has one; lora.yaml: false)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lcd"  # lcd: distil the teacher's guided solver step | ct: consistency training, no teacher
+    from_scratch: bool = False  # ct: start the student from random weights instead of the teacher's
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True  # at the end of a run: diffusers pipeline folder (full) / LoRA weights (lora), artifact `model`
+    model: str = "target"  # which network: target (EMA; the online student when there is no EMA) | online
+    dir: str = "export"  # relative to the run folder
 
 
 @dataclass
@@ -184,6 +199,7 @@ class BenchConfig:
 class Config:
     teacher: TeacherConfig = MISSING
     student: StudentConfig = MISSING
+    method: MethodConfig = MISSING
     solver: SolverConfig = MISSING
     loss: LossConfig = MISSING
     guidance: GuidanceConfig = MISSING
@@ -194,6 +210,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
     eval: EvalConfig = MISSING
+    export: ExportConfig = MISSING
 
 
 @dataclass
@@ -246,6 +263,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "> 0"),
         (0.0 <= cfg.student.stochastic_depth < 1.0, "student.stochastic_depth", cfg.student.stochastic_depth,
          "a probability in [0, 1)"),
+        (cfg.method.name in ("lcd", "ct"), "method.name", cfg.method.name, "lcd or ct"),
+        (not (cfg.method.from_scratch and "lora" in str(cfg.student._target_)), "method.from_scratch",
+         cfg.method.from_scratch, "false with student=lora (LoRA adapts the teacher's weights)"),
+        (cfg.export.model in ("target", "online"), "export.model", cfg.export.model, "target (the EMA) or online"),
         (cfg.student.lora_rank >= 1, "student.lora_rank", cfg.student.lora_rank, ">= 1"),
         (cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0, "data.resolution", cfg.data.resolution,
          "a multiple of 8"),

@@ -46,3 +46,23 @@ class EMA:
             torch._foreach_copy_(self._master, [p.to(self._master[0].device) for p in state["master"]])
             if self._master is not self._target_params:
                 torch._foreach_copy_(self._target_params, self._master)
+
+
+
+class OnlineTarget:
+    """No EMA: the target f_θ⁻ is the online student itself, called under no_grad (the diffusers LCM-LoRA
+    scripts' choice; `student.ema_target=false`)."""
+
+    decay = 0.0
+
+    def __init__(self, online: torch.nn.Module):
+        self.target = online
+
+    def update(self) -> None:
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass

@@ -83,19 +83,28 @@ class Evaluator:
 
     def pipelines(self, teacher, student_unet, original_inference_steps: int, timestep_scaling: float):
         from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LatentConsistencyModelPipeline,
-                               LCMScheduler, StableDiffusionPipeline)
+                               LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
         conf = teacher.scheduler.config
-        parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if getattr(teacher, "text_encoder_2", None) is not None:  # SDXL: its pipeline feeds the w embedding too
+            parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                         text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
+                         force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
+            teacher_cls = lcm_cls = StableDiffusionXLPipeline
+        else:
+            parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            teacher_cls, lcm_cls = StableDiffusionPipeline, LatentConsistencyModelPipeline
         lcm = LCMScheduler.from_config(conf, original_inference_steps=original_inference_steps,
-                                       timestep_scaling=timestep_scaling)
+                                       timestep_scaling=timestep_scaling, clip_sample=False)
         spacing = dict(timestep_spacing=self.timestep_spacing, steps_offset=1)  # SD's offset; unused by trailing
         ddim = DDIMScheduler.from_config(conf, **spacing)
         dpm = DPMSolverMultistepScheduler.from_config(conf, algorithm_type="dpmsolver++", **spacing)
-        pipes = {"student": LatentConsistencyModelPipeline(unet=student_unet, scheduler=lcm, **parts),
-                 "teacher_ddim": StableDiffusionPipeline(unet=teacher.unet, scheduler=ddim, **parts),
-                 "teacher_dpmpp": StableDiffusionPipeline(unet=teacher.unet, scheduler=dpm, **parts)}
+        # A student without a w input (LCM-LoRA) samples with the plain pipeline and LCMScheduler, no CFG.
+        student_cls = lcm_cls if student_unet.config.time_cond_proj_dim is not None else teacher_cls
+        pipes = {"student": student_cls(unet=student_unet, scheduler=lcm, **parts),
+                 "teacher_ddim": teacher_cls(unet=teacher.unet, scheduler=ddim, **parts),
+                 "teacher_dpmpp": teacher_cls(unet=teacher.unet, scheduler=dpm, **parts)}
         for p in pipes.values():
             p.set_progress_bar_config(disable=True)
         return pipes
@@ -128,8 +137,13 @@ class Evaluator:
         out = {"reference": self._sample(pipes["teacher_ddim"], prompts, noise, self.reference_steps, w)}
         for model, pipe in pipes.items():
             for n in self.steps:
-                kw = {"original_inference_steps": original_inference_steps} if model == "student" else {}
-                out[f"{model}_{n}step"] = self._sample(pipe, prompts, noise, n, w, **kw)
+                kw, w_n = {}, w
+                if model == "student" and type(pipe).__name__ == "LatentConsistencyModelPipeline":
+                    kw = {"original_inference_steps": original_inference_steps}
+                if model == "student" and student_unet.config.time_cond_proj_dim is None:
+                    # w is distilled into the LoRA: guidance_scale = w + 1 = 1 (no CFG)
+                    w_n = 0.0
+                out[f"{model}_{n}step"] = self._sample(pipe, prompts, noise, n, w_n, **kw)
         return out
 
     @torch.no_grad()

@@ -46,6 +46,11 @@ def x0_and_eps(model_output: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor, a
     return x0, eps
 
 
+def _cat_cond(cond: dict, uncond: dict) -> dict:
+    """[cond; uncond] along the batch, for nested conditioning (SDXL's added_cond_kwargs) too."""
+    return {k: _cat_cond(v, uncond[k]) if isinstance(v, dict) else torch.cat([v, uncond[k]]) for k, v in cond.items()}
+
+
 @dataclass
 class LCD:
     """The parts of latent consistency distillation; `loss(...)` is one step of Algorithm 1."""
@@ -64,11 +69,12 @@ class LCD:
     timestep_scaling: float = 10.0
     teacher_dtype: torch.dtype = torch.float32
     batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
+    method: str = "lcd"  # lcd: the teacher's guided solver step; ct: consistency training, no teacher (CM §5)
 
     def consistency_fn(self, unet, z, t, w_emb, cond):
         """f(z, w, c, t) = c_skip(t) z + c_out(t) x̂0(z, t) (LCM eq. 3 with guidance w, eq. 7)."""
         c_skip, c_out = boundary_scalings(t, self.sigma_data, self.timestep_scaling)
-        out = unet(z, t, timestep_cond=w_emb, **cond).sample
+        out = unet(z, t, timestep_cond=w_emb, **cond).sample  # w_emb None: a student without w input (LoRA)
         x0, _ = x0_and_eps(out, t, z, self.alphas_cumprod, self.prediction_type)
         return _bcast(c_skip, z) * z + _bcast(c_out, z) * x0
 
@@ -80,7 +86,7 @@ class LCD:
         def denoise(z, t):
             zt = z.to(self.teacher_dtype)
             if self.batched_cfg:
-                both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+                both = _cat_cond(cond, uncond)
                 out_c, out_u = self.teacher(torch.cat([zt, zt]), torch.cat([t, t]), **both).sample.float().chunk(2)
             else:
                 out_c = self.teacher(zt, t, **cond).sample.float()
@@ -103,12 +109,19 @@ class LCD:
         z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
         # ω ~ U[ω_min, ω_max], embedded as the student's timestep condition (§4.2).
         w = self.guidance.sample(bsz, device, generator)
-        w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype)
+        # (A student without a w input, LCM-LoRA, gets none: ω then acts only in the teacher's CFG.)
+        w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype) if self.w_embedding_dim else None
         # Online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7).
         f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
         with torch.no_grad():
-            # ẑ_{t_n} = z_{t_{n+k}} + (1 + ω) Φ(...) − ω Φ(..., ∅): the guided solver step (eq. 8).
-            z_prev = self.solver(self.guided_teacher(cond, uncond, w), z_t, t, t_prev, self.alphas_cumprod)
+            if self.method == "ct":
+                # Consistency training (CM §5, Song et al. 2023): the unbiased single-sample estimate
+                # ẑ_{t_n} = √ᾱ_{t_n} z + √(1 − ᾱ_{t_n}) ε with the same ε, in place of the teacher's solver step.
+                a_prev = _bcast(self.alphas_cumprod[t_prev], latents)
+                z_prev = a_prev.sqrt() * latents + (1 - a_prev).sqrt() * noise
+            else:
+                # ẑ_{t_n} = z_{t_{n+k}} + (1 + ω) Φ(...) − ω Φ(..., ∅): the guided solver step (eq. 8).
+                z_prev = self.solver(self.guided_teacher(cond, uncond, w), z_t, t, t_prev, self.alphas_cumprod)
             # Target f_θ⁻(ẑ_{t_n}, ω, c, t_n) with the EMA weights.
             f_target = self.consistency_fn(self.target, z_prev.to(latents.dtype), t_prev, w_emb, cond)
         # L = d(f_θ, f_θ⁻) (eq. 8), l2 or pseudo-Huber.

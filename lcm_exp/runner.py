@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, validate
+from .ema import OnlineTarget
 from .lcd import LCD
 from .optim import lr_schedule
 from .tracking import run_tags
@@ -95,9 +96,13 @@ def run(cfg: DictConfig) -> float:
     try:
         teacher = instantiate(cfg.teacher).to(acc.device, trainer.weight_dtype)
         student = instantiate(cfg.student, teacher=teacher)
+        if cfg.method.from_scratch:  # consistency training from scratch: a randomly initialised student
+            reinitialise(student.unet)
         student.unet.to(acc.device)
-        ema = instantiate(cfg.ema)(online=student.unet, dtype=trainer.weight_dtype)
-        lcd = LCD(student=student.unet, target=ema.target, teacher=teacher.unet,
+        ema = (instantiate(cfg.ema)(online=student.unet, dtype=trainer.weight_dtype) if student.ema_target
+               else OnlineTarget(student.unet))
+        lcd = LCD(student=student.unet, target=ema.target, teacher=student.teacher_unet or teacher.unet,
+                  method=cfg.method.name,
                   alphas_cumprod=teacher.scheduler.alphas_cumprod.to(acc.device), prediction_type=teacher.prediction_type,
                   solver=instantiate(cfg.solver), skip=instantiate(cfg.skip)(num_train_timesteps=teacher.num_train_timesteps),
                   guidance=instantiate(cfg.guidance), distance=instantiate(cfg.loss),
@@ -124,6 +129,8 @@ def run(cfg: DictConfig) -> float:
         objective = float(stats.get("train/loss", float("nan")))
         if acc.is_main_process:
             save_students(trainer, student, ema, tracker)
+            if cfg.export.enabled:
+                export_at_end(cfg, teacher, student, ema, trainer, tracker)
             if cfg.eval.enabled:
                 objective = evaluate_at_end(cfg, teacher, student, ema, trainer, tracker)
         status = "FINISHED"
@@ -156,14 +163,45 @@ def objective_tags(cfg: DictConfig) -> dict[str, str]:
     return {"lcm_exp.objective": name, "lcm_exp.objective_direction": objective_direction(name)}
 
 
+def reinitialise(unet: torch.nn.Module) -> None:
+    """Random weights of the same architecture (diffusers' initialisation), in place."""
+    from diffusers import UNet2DConditionModel
+
+    unet.load_state_dict(UNet2DConditionModel.from_config(unet.config).state_dict())
+
+
 def save_students(trainer, student, ema, tracker) -> None:
-    """`student_unet/` (online) and `target_unet/` (EMA) in the run folder, loadable with `from_pretrained`,
+    """`student_unet/` (online) and `target_unet/` (EMA) in the run folder, loadable with `from_pretrained`
+    (for LoRA: `student_lora/` and, with an EMA, `target_lora/`, each a pytorch_lora_weights.safetensors),
     plus `lcm_exp_run.json` (MLflow run id, tracking URI, step) for `lcm-exp-eval dir=...`."""
     out = trainer.output_dir
-    trainer.unwrap(student.unet).save_pretrained(out / "student_unet")
-    ema.target.save_pretrained(out / "target_unet")
+    if student.kind == "lora":
+        from diffusers import StableDiffusionPipeline  # the same LoRA file format for SD and SDXL
+
+        from .students import lora_state_dict
+
+        nets = {"student_lora": trainer.unwrap(student.unet)}
+        if student.ema_target:
+            nets["target_lora"] = ema.target
+        for sub, net in nets.items():
+            StableDiffusionPipeline.save_lora_weights(out / sub, unet_lora_layers=lora_state_dict(net))
+    else:
+        trainer.unwrap(student.unet).save_pretrained(out / "student_unet")
+        ema.target.save_pretrained(out / "target_unet")
     (out / "lcm_exp_run.json").write_text(json.dumps(
         {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "step": trainer.global_step}, indent=2))
+
+
+def export_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> None:
+    """The diffusers export (`export.py`) of the trained student, logged as the MLflow artifact `model`."""
+    from .export import export
+
+    unet = ema.target if cfg.export.model == "target" else trainer.unwrap(student.unet)
+    folder = export(teacher, student, unet, trainer.output_dir / cfg.export.dir, k=int(cfg.skip.k),
+                    step=trainer.global_step)
+    tracker.log_artifact(folder, "model")
+    log.info("exported the %s student (%s) to %s (MLflow artifact `model`)", student.kind, cfg.export.model, folder)
+    print(f"lcm-exp: exported model: {folder.resolve()}", flush=True)
 
 
 def evaluate_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> float:
@@ -171,6 +209,9 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) ->
     from .evaluation import evaluate_run
 
     unet = ema.target if cfg.eval.model == "target" else trainer.unwrap(student.unet)
+    unet = student.inference_unet(unet)  # LoRA: merged into a plain UNet copy
+    if student.kind == "lora":  # from here on teacher.unet is the teacher again (eval's baselines)
+        trainer.unwrap(student.unet).disable_adapters()
     metrics = evaluate_run(cfg, teacher, unet, tracker, trainer.output_dir, step=trainer.global_step,
                            device=trainer.accelerator.device)
     if cfg.eval.objective not in metrics:

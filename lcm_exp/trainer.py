@@ -96,6 +96,7 @@ class Trainer:
     def condition(self, teacher, batch: dict, generator: torch.Generator):
         """Step 1 of Alg. 1: z = E(x)·scale and the text conditions, or read them from a precomputed batch."""
         acc = self.accelerator
+        micro = batch.get("micro_conditioning")  # SDXL: per-sample original size and crop coordinates
         if "latent_mean" in batch:  # data=cached: the VAE posterior and the text embeddings, computed once
             mean, std = batch["latent_mean"].to(acc.device), batch["latent_std"].to(acc.device)
             noise = torch.randn(mean.shape, generator=generator).to(acc.device, mean.dtype)
@@ -103,10 +104,11 @@ class Trainer:
             cond = {"encoder_hidden_states": batch["encoder_hidden_states"].to(acc.device)}
         else:
             latents = teacher.encode_images(batch["pixels"].to(acc.device))
-            cond = teacher.encode_prompts(batch["captions"])
+            cond = teacher.encode_prompts(batch["captions"], micro)
         n = latents.shape[0]
-        if self._uncond is None or next(iter(self._uncond.values())).shape[0] != n:
-            self._uncond = teacher.encode_prompts([""] * n)  # once: the empty prompt never changes
+        per_sample = micro is not None and hasattr(teacher, "time_ids")  # SDXL: uncond carries this batch's sizes
+        if per_sample or self._uncond is None or next(iter(self._uncond.values())).shape[0] != n:
+            self._uncond = teacher.encode_prompts([""] * n, micro)  # else once: the empty prompt never changes
         return latents.contiguous(memory_format=self.memory_format), cond, self._uncond
 
     def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float):

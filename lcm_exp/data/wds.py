@@ -62,7 +62,12 @@ class Transform:
         self.rng = random.Random(seed)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.apply(image)[0]
+
+    def apply(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """(pixels, (original height, original width, crop top, crop left)): SDXL's micro-conditioning."""
         r, (w, h) = self.resolution, image.size
+        original = (h, w)
         scale = r / min(w, h)
         if (w, h) != (r, r):
             image = image.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
@@ -75,7 +80,7 @@ class Transform:
         if self.random_flip and self.rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return x.float().div(127.5).sub(1.0)
+        return x.float().div(127.5).sub(1.0), (*original, top, left)
 
 
 def keep(meta: dict, image: Image.Image, min_size: int = 0, min_aesthetic: float | None = None,
@@ -94,7 +99,7 @@ def keep(meta: dict, image: Image.Image, min_size: int = 0, min_aesthetic: float
 
 def _collate(samples):
     return {"pixels": torch.stack([s[0] for s in samples]), "captions": [s[1] for s in samples],
-            "n_skipped": _Skips.pop()}
+            "micro_conditioning": [s[2] for s in samples], "n_skipped": _Skips.pop()}
 
 
 def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = True,
@@ -113,7 +118,8 @@ def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer
                     continue
                 image, caption, meta = out
                 if keep(meta, image, min_size, min_aesthetic, max_pwatermark):
-                    yield transform(image), caption
+                    pixels, micro = transform.apply(image)
+                    yield pixels, caption, micro
             except Exception as e:  # a corrupt image: skip it, count it
                 _Skips.handler(e)
 

@@ -62,8 +62,8 @@ class Teacher:
         return images.clamp(-1, 1)
 
     @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> dict:
-        """Captions → the UNet's conditioning keyword arguments."""
+    def encode_prompts(self, captions: list[str], micro_conditioning: list | None = None) -> dict:
+        """Captions → the UNet's conditioning keyword arguments (`micro_conditioning`: SDXL only)."""
         ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         hidden = self.text_encoder(ids.to(self.text_encoder.device))[0]
