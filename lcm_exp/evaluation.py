@@ -86,23 +86,13 @@ class Evaluator:
                                LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
         conf = teacher.scheduler.config
-        if getattr(teacher, "text_encoder_2", None) is not None:  # SDXL: its pipeline feeds the w embedding too
-            parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                         text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
-                         force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
-            teacher_cls = lcm_cls = StableDiffusionXLPipeline
-        else:
-            parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            teacher_cls, lcm_cls = StableDiffusionPipeline, LatentConsistencyModelPipeline
+        parts, teacher_cls, _ = pipeline_parts(teacher)
         lcm = LCMScheduler.from_config(conf, original_inference_steps=original_inference_steps,
                                        timestep_scaling=timestep_scaling, clip_sample=False)
         spacing = dict(timestep_spacing=self.timestep_spacing, steps_offset=1)  # SD's offset; unused by trailing
         ddim = DDIMScheduler.from_config(conf, **spacing)
         dpm = DPMSolverMultistepScheduler.from_config(conf, algorithm_type="dpmsolver++", **spacing)
-        # A student without a w input (LCM-LoRA) samples with the plain pipeline and LCMScheduler, no CFG.
-        student_cls = lcm_cls if student_unet.config.time_cond_proj_dim is not None else teacher_cls
-        pipes = {"student": student_cls(unet=student_unet, scheduler=lcm, **parts),
+        pipes = {"student": student_pipeline(teacher, student_unet, lcm),
                  "teacher_ddim": teacher_cls(unet=teacher.unet, scheduler=ddim, **parts),
                  "teacher_dpmpp": teacher_cls(unet=teacher.unet, scheduler=dpm, **parts)}
         for p in pipes.values():
@@ -226,6 +216,30 @@ class Evaluator:
 
 
 # ------------------------------------------------------------------------------------------------------ reports
+def pipeline_parts(teacher):
+    """(the teacher's frozen pipeline components, the teacher's pipeline class, the LCM pipeline class)."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if getattr(teacher, "text_encoder_2", None) is not None:  # SDXL: its pipeline feeds the w embedding too
+        parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                     text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
+                     force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
+        return parts, StableDiffusionXLPipeline, StableDiffusionXLPipeline
+    parts = dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return parts, StableDiffusionPipeline, LatentConsistencyModelPipeline
+
+
+def student_pipeline(teacher, unet, scheduler):
+    """The diffusers pipeline that samples a student with `scheduler` (an LCMScheduler): the LCM pipeline when the
+    student takes w (time_cond_proj_dim); a student without a w input (LCM-LoRA) uses the teacher's pipeline."""
+    parts, teacher_cls, lcm_cls = pipeline_parts(teacher)
+    cls = lcm_cls if unet.config.time_cond_proj_dim is not None else teacher_cls
+    pipe = cls(unet=unet, scheduler=scheduler, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def table_rows(res: EvalResult) -> tuple[list[str], list[list]]:
     cols = [m for m in METRICS if any(k.endswith("/" + m) for k in res.metrics)]
     rows = [[model, n] + [res.metrics.get(metric_name(model, n, m), math.nan) for m in cols]

@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+from diffusers import LCMScheduler
 from PIL import Image, ImageDraw
+
+from .evaluation import student_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,8 @@ class Validator:
         self.original_inference_steps = teacher.num_train_timesteps // int(skip_k)  # the DDIM grid N = T // k
         self.scheduler = LCMScheduler.from_config(
             teacher.scheduler.config, original_inference_steps=self.original_inference_steps,
-            timestep_scaling=float(timestep_scaling), prediction_type=teacher.prediction_type)
+            timestep_scaling=float(timestep_scaling), prediction_type=teacher.prediction_type, clip_sample=False)
         self.last_step: int | None = None
-
-    def pipeline(self, unet) -> LatentConsistencyModelPipeline:
-        t = self.teacher
-        pipe = LatentConsistencyModelPipeline(vae=t.vae, text_encoder=t.text_encoder, tokenizer=t.tokenizer, unet=unet,
-                                              scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
-                                              requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     @torch.no_grad()
     def grid(self, unet) -> Image.Image:
@@ -49,14 +43,15 @@ class Validator:
         was_training = unet.training
         unet.eval()
         try:
-            pipe = self.pipeline(unet)
+            pipe = student_pipeline(self.teacher, unet, self.scheduler)
+            takes_w = unet.config.time_cond_proj_dim is not None  # an LCM-LoRA samples without CFG
             rows = []
             for n in self.steps:
                 gen = torch.Generator("cpu").manual_seed(self.seed)
                 latents = torch.randn((len(self.prompts), unet.config.in_channels, self.resolution // pipe.vae_scale_factor,
                                        self.resolution // pipe.vae_scale_factor), generator=gen)
                 out = pipe(self.prompts, height=self.resolution, width=self.resolution, num_inference_steps=n,
-                           original_inference_steps=self.original_inference_steps, guidance_scale=self.w + 1.0,
+                           guidance_scale=self.w + 1.0 if takes_w else 1.0,
                            latents=latents.to(unet.device, unet.dtype), output_type="pil")
                 rows.append((n, out.images))
         finally:

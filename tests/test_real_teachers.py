@@ -39,8 +39,15 @@ def cache(tmp_path_factory):
 
 
 def model_artifact(cwd: Path) -> Path:
-    (folder,) = glob.glob(str(cwd / "mlruns" / "*" / "*" / "artifacts" / "model"))
-    return Path(folder)
+    """The run's MLflow artifact `model`, fetched through MLflow (wherever the store keeps artifacts)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lcm-distill").experiment_id])
+    return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model", tracking_uri=uri,
+                                                    dst_path=str(cwd / "downloaded")))
 
 
 def sample(pipe, steps: int = 4, **kw):
