@@ -65,6 +65,17 @@ def evaluate():
     return _main("eval_cli", _evaluate)
 
 
+def _report(cfg):
+    from .report import main
+
+    main(cfg)
+
+
+def report():
+    """`lcm-exp-report parent=<sweep parent run id> | experiment=NAME [filter="..."]`: table and plots."""
+    return _main("report_cli", _report)
+
+
 def _bench(cfg):
     from .bench import report, run_bench
     from .config import validate
