@@ -28,14 +28,15 @@ def register_sweeps() -> None:
         ConfigStore.instance().store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
-def _main(config_name: str, task):
+def _main(config_name: str, task, config_path: str | None = None):
     import hydra
 
     from .config import register
 
     register()
-    register_sweeps()
-    return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)()
+    if config_name == "config":
+        register_sweeps()
+    return hydra.main(version_base="1.3", config_path=config_path or config_dir(), config_name=config_name)(task)()
 
 
 def _train(cfg):
@@ -73,7 +74,7 @@ def _report(cfg):
 
 def report():
     """`lcm-exp-report parent=<sweep parent run id> | experiment=NAME [filter="..."]`: table and plots."""
-    return _main("report_cli", _report)
+    return _main("report_cli", _report, config_path=str(Path(config_dir()) / "report"))
 
 
 def _bench(cfg):

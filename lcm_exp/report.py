@@ -133,8 +133,11 @@ def write_table(runs, params, cols, objective, direction, folder: Path, title: s
     lines = [f"# {title}", "", f"Best first by `{objective}` ({direction}). {len(runs)} runs; swept: "
              f"{', '.join(f'`{short(k)}`' for k in params) or '(nothing differs)'}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pcols = {short(k) for k in params}
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(h)) for h in head) + " |")
+        lines.append("| " + " | ".join(fmt(number(row[h]) if h in pcols and number(row[h]) is not None
+                                           and not str(row[h]).lstrip("-").isdigit() else row.get(h))
+                                       for h in head) + " |")
     (folder / "table.md").write_text("\n".join(lines) + "\n")
     return rows
 
@@ -280,7 +283,13 @@ def main(cfg) -> Path:
     if not cfg.parent and not cfg.experiment and not cfg.filter:
         raise SystemExit("lcm-exp-report: give parent=<sweep parent run id>, or experiment=NAME [filter=\"...\"]")
     client, _ = connect(uri, experiment) if not cfg.parent else (connect(uri, cfg.tracking.experiment)[0], None)
-    runs, prun = find_runs(client, cfg.parent, experiment, cfg.filter or "")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        runs, prun = find_runs(client, cfg.parent, experiment, cfg.filter or "")
+    except MlflowException as e:
+        raise SystemExit(f"lcm-exp-report: {e.message} (filter={cfg.filter!r}; MLflow's search syntax: "
+                         "https://mlflow.org/docs/latest/search-runs.html)") from None
     if not runs:
         raise SystemExit(f"lcm-exp-report: no runs found (parent={cfg.parent}, experiment={experiment!r}, "
                          f"filter={cfg.filter!r}) in {redact(uri)}")
