@@ -173,6 +173,9 @@ def plot_metric_vs_params(runs, params, cols, folder: Path, swept: str) -> list[
         groups: dict[str, list] = {}
         for r in runs:
             groups.setdefault(label(r, others) if others else "runs", []).append(r)
+        scattered = others and all(len(g) == 1 for g in groups.values())  # a random/Bayesian search
+        if scattered:
+            groups = {"runs": list(runs)}
         ncol = min(3, len(cols))
         nrow = math.ceil(len(cols) / ncol)
         fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow), squeeze=False)
@@ -180,21 +183,31 @@ def plot_metric_vs_params(runs, params, cols, folder: Path, swept: str) -> list[
             for name, rs in groups.items():
                 pts = sorted((xs[r.data.params.get(p)], r.data.metrics[metric]) for r in rs if metric in r.data.metrics)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 and (numeric or others) else "none",
+                    ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 and (numeric or others) and not scattered else "none",
                             label=name)
             if numeric and min(xs.values()) > 0 and max(xs.values()) / min(xs.values()) >= 20:
+                from matplotlib.ticker import NullFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
             if not numeric:
                 ax.set_xticks(range(len(cats)), [short(p, c).split("=", 1)[1] for c in cats], rotation=20)
             ax.set_xlabel(PARAM_UNITS.get(p, short(p)))
             ax.set_ylabel(ylabel(metric), fontsize=8)
             ax.set_title(metric, fontsize=9)
             ax.grid(alpha=0.3)
-            if others or len(groups) > 1:
+            if len(groups) > 1:
                 ax.legend(fontsize=7)
+            if scattered and len(groups) == 1:
+                for r in runs:
+                    if metric in r.data.metrics:
+                        ax.annotate(r.data.tags.get("hydra.job.num", ""), (xs[r.data.params.get(p)],
+                                    r.data.metrics[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for ax in list(axes.flat)[len(cols):]:
             ax.axis("off")
-        fig.suptitle(f"final metrics against {short(p)} (sweep over {swept})")
+        note = (f"\n(each point one run, labelled with its job number; {', '.join(short(q) for q in others)} "
+                "vary too)") if scattered else ""
+        fig.suptitle(f"final metrics against {short(p)} (sweep over {swept}){note}")
         fig.tight_layout()
         path = folder / f"metrics_vs_{short(p).replace('.', '_')}.png"
         fig.savefig(path, dpi=110)
@@ -240,33 +253,39 @@ def by_steps(metrics: dict, model: str, family: str) -> list[tuple[int, float]]:
 
 
 def plot_steps_chart(runs, params, family: str, folder: Path, swept: str) -> Path | None:
-    """The LCM paper's chart: the metric against the number of sampling steps, one line per run; the teacher's
-    DDIM at the same step counts dashed (one black line when it is the same for every run)."""
+    """The LCM paper's chart: the metric against the number of sampling steps, one line per run, with the
+    teacher's DDIM at the same step counts dashed (one black line when it is the same for every run). A second
+    panel shows the students alone, on their own y range, where runs that differ little can be told apart."""
     plt = _plt()
     students = [(r, by_steps(r.data.metrics, "student", family)) for r in runs]
     students = [(r, pts) for r, pts in students if pts]
     if not students:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r, pts in students:
-        ax.plot(*zip(*pts), marker="o", label=label(r, params))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
+    steps = sorted({s for _, pts in students for s, _ in pts})
+    for ax in axes:
+        for r, pts in students:
+            ax.plot(*zip(*pts), marker="o", label=label(r, params))
+    ax = axes[0]
     teachers = [by_steps(r.data.metrics, "teacher_ddim", family) for r, _ in students]
     teachers = [t for t in teachers if t]
     if teachers and all(t == teachers[0] for t in teachers):
         ax.plot(*zip(*teachers[0]), "k--", marker="s", label="teacher DDIM (baseline)")
     else:
-        for (r, _), line in zip(students, ax.get_lines()):
+        for (r, _), line in zip(students, list(ax.get_lines())):
             t = by_steps(r.data.metrics, "teacher_ddim", family)
             if t:
                 ax.plot(*zip(*t), "--", color=line.get_color(), alpha=0.6, label=f"teacher DDIM ({label(r, params)})")
-    steps = sorted({s for _, pts in students for s, _ in pts})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(steps, [str(s) for s in steps])
-    ax.set_xlabel("sampling steps [count]")
-    ax.set_ylabel(UNITS.get(family, family))
-    ax.set_title(f"student {family} against sampling steps (sweep over {swept})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    for ax, title in zip(axes, (f"student {family} against sampling steps, teacher DDIM dashed",
+                                "the students alone (own y range)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel("sampling steps [count]")
+        ax.set_ylabel(UNITS.get(family, family))
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{family} against the number of sampling steps (sweep over {swept})")
     fig.tight_layout()
     path = folder / f"{family}_vs_steps.png"
     fig.savefig(path, dpi=110)
