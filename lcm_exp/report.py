@@ -295,20 +295,26 @@ def plot_steps_chart(runs, params, family: str, folder: Path, swept: str) -> Pat
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(cfg) -> Path:
-    from .tracking import connect, default_uri, redact
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import configure_http, default_uri, redact
 
     uri = cfg.tracking.uri or default_uri()
     experiment = cfg.experiment or cfg.tracking.experiment
     if not cfg.parent and not cfg.experiment and not cfg.filter:
         raise SystemExit("lcm-exp-report: give parent=<sweep parent run id>, or experiment=NAME [filter=\"...\"]")
-    client, _ = connect(uri, experiment) if not cfg.parent else (connect(uri, cfg.tracking.experiment)[0], None)
-    from mlflow.exceptions import MlflowException
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise SystemExit(f"lcm-exp-report: no MLflow store at {uri}; run it where the sweep was started, or set "
+                         "tracking.uri")
+    configure_http(uri)
+    client = MlflowClient(uri)  # read-only: creates no experiment
 
     try:
         runs, prun = find_runs(client, cfg.parent, experiment, cfg.filter or "")
     except MlflowException as e:
-        raise SystemExit(f"lcm-exp-report: {e.message} (filter={cfg.filter!r}; MLflow's search syntax: "
-                         "https://mlflow.org/docs/latest/search-runs.html)") from None
+        raise SystemExit(f"lcm-exp-report: {e.message} (parent={cfg.parent}, filter={cfg.filter!r}; MLflow's "
+                         "search syntax: https://mlflow.org/docs/latest/search-runs.html)") from None
     if not runs:
         raise SystemExit(f"lcm-exp-report: no runs found (parent={cfg.parent}, experiment={experiment!r}, "
                          f"filter={cfg.filter!r}) in {redact(uri)}")
