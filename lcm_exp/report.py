@@ -219,21 +219,26 @@ def plot_metric_vs_params(runs, params, cols, folder: Path, swept: str) -> list[
 def plot_loss_curves(client, runs, params, folder: Path, swept: str) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    n = 0
+    steps: set[int] = set()
     for r in runs:
         hist = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/loss"))
         if hist:
-            ax.plot(*zip(*hist), marker="." if len(hist) < 30 else None, label=label(r, params))
-            n += 1
-    if not n:
+            ax.plot(*zip(*hist), marker="o" if len(hist) < 30 else None, markersize=4, label=label(r, params))
+            steps |= {s for s, _ in hist}
+    if not steps:
         plt.close(fig)
         return None
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(steps) <= 12:
+        ax.set_xticks(sorted(steps))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step [optimiser steps]")
     ax.set_ylabel("train/loss [a.u., consistency distance]")
-    ax.set_title(f"training loss, one line per run (sweep over {swept})")
+    note = "\n(one point per run: train/loss was logged at these steps only, see trainer.log_every)" \
+        if len(steps) == 1 else ""
+    ax.set_title(f"training loss, one line per run (sweep over {swept}){note}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
