@@ -13,13 +13,30 @@ def config_dir() -> str:
     return str((Path(__file__).parent / "conf").resolve())
 
 
-def _main(config_name: str, task):
+def sweeps_dir() -> Path:
+    """`sweeps/` of a checkout, or `lcm_exp/sweeps` of a wheel install (a symlink in the checkout)."""
+    return (Path(__file__).parent / "sweeps").resolve()
+
+
+def register_sweeps() -> None:
+    """Every `sweeps/NAME.yaml` as the option NAME of the config group `sweep` (package `_global_`), so that
+    `lcm-exp +sweep=NAME` selects it; each file sets `hydra.mode: MULTIRUN` and `hydra.sweeper.params`."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        ConfigStore.instance().store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _main(config_name: str, task, config_path: str | None = None):
     import hydra
 
     from .config import register
 
     register()
-    return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)()
+    if config_name == "config":
+        register_sweeps()
+    return hydra.main(version_base="1.3", config_path=config_path or config_dir(), config_name=config_name)(task)()
 
 
 def _train(cfg):
@@ -47,6 +64,17 @@ def _evaluate(cfg):
 def evaluate():
     """`lcm-exp-eval run=<mlflow run id> | dir=<run output folder> [eval.* overrides]`."""
     return _main("eval_cli", _evaluate)
+
+
+def _report(cfg):
+    from .report import main
+
+    main(cfg)
+
+
+def report():
+    """`lcm-exp-report parent=<sweep parent run id> | experiment=NAME [filter="..."]`: table and plots."""
+    return _main("report_cli", _report, config_path=str(Path(config_dir()) / "report"))
 
 
 def _bench(cfg):

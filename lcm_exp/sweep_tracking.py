@@ -26,6 +26,7 @@ class MLflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.client = None
         self.parent_id: str | None = None
+        self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         tc = config.get("tracking")
@@ -40,12 +41,36 @@ class MLflowSweepCallback(Callback):
                      "hydra.job.name": str(config.hydra.job.name)})
         run = self.client.create_run(exp_id, run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}", tags=tags)
         self.parent_id = run.info.run_id
+        self.sweep_dir = sweep_dir
         os.environ[PARENT_RUN_ENV] = self.parent_id
         atexit.register(self._end, "FAILED")
         log.info("MLflow sweep: parent run %s at %s", self.parent_id, redact(uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._record_best()
         self._end("FINISHED")
+
+    def _record_best(self) -> None:
+        """An optimising sweeper (Optuna) leaves `optimization_results.yaml` in the sweep folder: its best
+        parameters and value become tags of the parent run (and the file an artifact)."""
+        if self.client is None or self.sweep_dir is None:
+            return
+        path = self.sweep_dir / "optimization_results.yaml"
+        if not path.is_file():
+            return
+        try:
+            from omegaconf import OmegaConf
+
+            res = OmegaConf.to_container(OmegaConf.load(path))
+            best = res.get("best_params") or {}
+            tags = {"lcm_exp.best_params": " ".join(f"{k}={v}" for k, v in best.items())}
+            if "best_value" in res:
+                tags["lcm_exp.best_value"] = str(res["best_value"])
+            for k, v in tags.items():
+                self.client.set_tag(self.parent_id, k, v)
+            self.client.log_artifact(self.parent_id, str(path))
+        except Exception as e:  # noqa: BLE001 - never fail the sweep for its summary
+            log.warning("could not record the sweep's best parameters from %s: %s", path, e)
 
     def _end(self, status: str) -> None:
         if self.client is None or self.parent_id is None:
