@@ -36,3 +36,10 @@ def _train(cfg):
 def train():
     """`lcm-exp [overrides]`: the main job."""
     return _main("config", _train)
+
+
+def build_teacher():
+    """`lcm-exp-build-teacher [--out DIR] [--force] [overrides]`: build, measure and cache the tiny teacher."""
+    from .teachers.tiny import main
+
+    main()
