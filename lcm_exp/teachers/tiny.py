@@ -31,6 +31,7 @@ from .tiny_recipe import DEFAULT_ARCH, DEFAULT_BUILD, NOT_RECIPE
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny_teacher"
 RECIPE_FILE = "recipe.json"
+BUILD_LOG = "build_log.json"  # timings and loss curves of the build that made the folder
 
 
 def _plain(d) -> dict:
@@ -81,8 +82,16 @@ def build_into(path: Path, spec: dict, cache_dir: str, build_extra: dict, log_me
     threads = b.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
-    info = build(path, spec["arch"], b, cache_dir=cache_dir, log_metric=log_metric)
+    curve = []
+
+    def record(key, value, step):
+        curve.append([key, value, step])
+        if log_metric:
+            log_metric(key, value, step)
+
+    info = build(path, spec["arch"], b, cache_dir=cache_dir, log_metric=record)
     (path / RECIPE_FILE).write_text(json.dumps(spec, indent=1, sort_keys=True))
+    (path / BUILD_LOG).write_text(json.dumps({"info": info, "curve": curve}))
     return info
 
 
@@ -172,6 +181,11 @@ def main(argv: list[str] | None = None) -> Path:
                               lambda k, v, s: tracker.log_metrics({f"train/{k}": v}, s))
             tracker.log_metrics({f"build/{k}": v for k, v in info.items() if isinstance(v, float)}, 0)
             print(f"built in {info['total_s']:.0f} s on {info['device']}: {path}")
+        elif (path / BUILD_LOG).exists():  # an existing build: log its recorded curves and timings
+            rec = json.loads((path / BUILD_LOG).read_text())
+            for key, value, step in rec["curve"]:
+                tracker.log_metrics({f"train/{key}": value}, step)
+            tracker.log_metrics({f"build/{k}": v for k, v in rec["info"].items() if isinstance(v, float)}, 0)
         teacher = load("tiny", str(path))
         if not args.no_measure:
             res = spec["arch"]["resolution"]
