@@ -119,3 +119,10 @@ def _export(cfg):
 def export():
     """`lcm-exp-export checkpoint=<checkpoint folder | run folder> [out=DIR] [model=target|online]`."""
     return _main("export_cli", _export)
+
+
+def build_teacher():
+    """`lcm-exp-build-teacher [--out DIR] [--force] [overrides]`: build, measure and cache the tiny teacher."""
+    from .teachers.tiny import main
+
+    main()

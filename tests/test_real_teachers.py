@@ -152,3 +152,26 @@ def test_export_command_from_a_checkpoint(layouts, cache, tmp_path):
     for (n, a), (_, b) in zip(pipe.unet.state_dict().items(), final.state_dict().items()):
         assert torch.equal(a, b), n
     sample(pipe, guidance_scale=8.0)
+
+
+def test_lora_export_from_a_checkpoint(layouts, cache, tmp_path):
+    """A LoRA run's checkpoint exports to pytorch_lora_weights.safetensors equal to the run's own final LoRA
+    weights (the checkpoint is the last step), and `load_lora_weights` puts them onto the base model."""
+    from diffusers import DiffusionPipeline, LCMScheduler
+    from safetensors.torch import load_file
+
+    cli("train", "teacher=sd15", f"teacher.pretrained={layouts['sd15']}", f"data.cache_dir={cache}",
+        "eval.enabled=false", "student=lora", "student.lora_rank=4", "trainer.checkpoint_every=2", *SHORT, cwd=tmp_path)
+    (ckpt,) = tmp_path.glob("outputs/*/*/checkpoints/checkpoint-2")
+    cli("export", f"checkpoint={ckpt}", f"out={tmp_path / 'exported'}", "model=online", cwd=tmp_path)
+    exported = load_file(tmp_path / "exported" / "pytorch_lora_weights.safetensors")
+    final = load_file(ckpt.parents[1] / "student_lora" / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == final.keys() and len(exported) > 0
+    for k in exported:
+        assert torch.equal(exported[k], final[k]), k
+    pipe = DiffusionPipeline.from_pretrained(layouts["sd15"], safety_checker=None)
+    pipe.scheduler = LCMScheduler.from_pretrained(tmp_path / "exported", subfolder="scheduler")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(tmp_path / "exported")
+    assert any("lora" in k for k in pipe.unet.state_dict()) and len(pipe.unet.state_dict()) > len(before)
+    sample(pipe, guidance_scale=1.0)

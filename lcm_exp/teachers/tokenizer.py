@@ -26,6 +26,20 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """The pieces byte-level BPE makes of `word` (lowest-ranked merge first, as CLIP's tokenizer does)."""
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    pieces = [_bytes_to_unicode()[b] for b in word.encode("utf-8")]
+    pieces[-1] += "</w>"
+    while len(pieces) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTokenizer:
     chars = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
@@ -42,6 +56,22 @@ def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTo
                 merges.append((current, nxt))
                 vocab[merged] = len(vocab)
             current = merged
+    # Merges of one word can split another ("an" of "and" inside "triangle"): apply the merges as BPE does
+    # and, while a word still ends in several pieces, append merges that join them. Appended merges rank
+    # last, so they never change how an already whole word is merged.
+    for _ in range(16):
+        broken = [pieces for pieces in (_bpe(word, merges) for word in sorted({w.lower() for w in words if w}))
+                  if len(pieces) > 1]
+        if not broken:
+            break
+        for pieces in broken:
+            current = pieces[0]
+            for nxt in pieces[1:]:
+                merged = current + nxt
+                if (current, nxt) not in merges:
+                    merges.append((current, nxt))
+                vocab.setdefault(merged, len(vocab))
+                current = merged
     for tok in SPECIAL:
         vocab[tok] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
