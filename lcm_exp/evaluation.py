@@ -82,8 +82,7 @@ class Evaluator:
         return torch.randn((n, teacher.unet.config.in_channels, height // f, width // f), generator=g)
 
     def pipelines(self, teacher, student_unet, original_inference_steps: int, timestep_scaling: float):
-        from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LatentConsistencyModelPipeline,
-                               LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
         conf = teacher.scheduler.config
         parts, teacher_cls, _ = pipeline_parts(teacher)

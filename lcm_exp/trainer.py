@@ -43,6 +43,7 @@ class Trainer:
     compile: bool = False  # torch.compile the student and teacher UNets (minutes of warm-up on a CPU)
 
     def __post_init__(self):
+        set_seed(self.seed)  # model initialisations (LoRA, from-scratch CT) and any unseeded draw
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu,
                                        gradient_accumulation_steps=self.gradient_accumulation_steps)
         self.output_dir = Path(self.output_dir)

@@ -80,25 +80,35 @@ def _check_folder(pretrained: str) -> None:
             "it), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 when online.")
 
 
-def load_teacher(name: str, pretrained: str | None, revision: str | None = None, variant: str | None = None,
-                 vae: str | None = None, cast_to_mixed_precision: bool = True, **_: object) -> Teacher:
-    """Loads an SD-1.x/2.x-shaped teacher from a local folder or hub id (any option of `conf/teacher/`)."""
+def load_components(name: str, pretrained: str | None, revision: str | None = None, variant: str | None = None,
+                    vae: str | None = None, text_encoders: dict | None = None) -> dict:
+    """unet, vae, scheduler and each `text_encoders` subfolder (with its tokenizer, `tokenizer<suffix>`) from a
+    diffusers folder or hub id, frozen; a missing or wrong folder is a ConfigError that says what to do."""
     if not pretrained:
         raise ConfigError(f"teacher={name} needs teacher.pretrained=<diffusers folder or hub id>")
     _check_folder(pretrained)
     kw = dict(revision=revision, variant=variant)
     try:
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
-        vae_model = (AutoencoderKL.from_pretrained(vae, revision=revision) if vae
-                     else AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw))
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
-        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
+        out = {"unet": UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw),
+               "vae": (AutoencoderKL.from_pretrained(vae, revision=revision) if vae
+                       else AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)),
+               "scheduler": DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)}
+        for sub, cls in (text_encoders or {"text_encoder": CLIPTextModel}).items():
+            out[sub] = cls.from_pretrained(pretrained, subfolder=sub, **kw)
+            tok = sub.replace("text_encoder", "tokenizer")
+            out[tok] = CLIPTokenizer.from_pretrained(pretrained, subfolder=tok, revision=revision)
     except OSError as e:
         raise ConfigError(
             f"Could not load teacher {name!r} from {pretrained!r}: {e}\nOffline, point teacher.pretrained at a "
             "local diffusers folder; online, check the hub id and teacher.revision.") from e
-    for m in (unet, vae_model, text_encoder):
-        m.requires_grad_(False).eval()
-    return Teacher(name=name, path=str(pretrained), unet=unet, vae=vae_model, text_encoder=text_encoder,
-                   tokenizer=tokenizer, scheduler=scheduler, cast_to_mixed_precision=cast_to_mixed_precision)
+    for m in out.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    return out
+
+
+def load_teacher(name: str, pretrained: str | None, revision: str | None = None, variant: str | None = None,
+                 vae: str | None = None, cast_to_mixed_precision: bool = True, **_: object) -> Teacher:
+    """Loads an SD-1.x/2.x-shaped teacher from a local folder or hub id (any option of `conf/teacher/`)."""
+    c = load_components(name, pretrained, revision, variant, vae)
+    return Teacher(name=name, path=str(pretrained), cast_to_mixed_precision=cast_to_mixed_precision, **c)

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..config import ConfigError
-from . import Teacher, _check_folder
+from . import Teacher, load_components
 
 
 @dataclass
@@ -64,22 +63,9 @@ def load(name: str, pretrained: str | None, revision: str | None = None, variant
          vae: str | None = None, cast_to_mixed_precision: bool = True, resolution: int | None = None,
          force_zeros_for_empty_prompt: bool | None = None, **_: object) -> SDXLTeacher:
     """Loads an SDXL-shaped teacher (unet, vae, text_encoder(_2), tokenizer(_2), scheduler)."""
-    if not pretrained:
-        raise ConfigError(f"teacher={name} needs teacher.pretrained=<diffusers folder or hub id>")
-    _check_folder(pretrained)
-    kw = dict(revision=revision, variant=variant)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw)
-        vae_model = (AutoencoderKL.from_pretrained(vae, revision=revision) if vae
-                     else AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw))
-        te1 = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kw)
-        te2 = CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", **kw)
-        tok1 = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
-        tok2 = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
-        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
-    except OSError as e:
-        raise ConfigError(f"Could not load SDXL teacher {name!r} from {pretrained!r}: {e}\nOffline, point "
-                          "teacher.pretrained at a local diffusers folder.") from e
+    c = load_components(name, pretrained, revision, variant, vae,
+                        {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection})
+    unet = c["unet"]
     if unet.config.addition_embed_type != "text_time":
         raise ConfigError(f"teacher={name}: {pretrained} is not SDXL-shaped (its UNet has no text_time "
                           "micro-conditioning); use teacher=sd15 or sd21")
@@ -87,9 +73,6 @@ def load(name: str, pretrained: str | None, revision: str | None = None, variant
         index = Path(pretrained) / "model_index.json"
         force_zeros_for_empty_prompt = (json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)
                                         if index.exists() else True)
-    for m in (unet, vae_model, te1, te2):
-        m.requires_grad_(False).eval()
-    return SDXLTeacher(name=name, path=str(pretrained), unet=unet, vae=vae_model, text_encoder=te1, tokenizer=tok1,
-                       scheduler=scheduler, cast_to_mixed_precision=cast_to_mixed_precision, text_encoder_2=te2,
-                       tokenizer_2=tok2, resolution=int(resolution or unet.config.sample_size * 8),
+    return SDXLTeacher(name=name, path=str(pretrained), cast_to_mixed_precision=cast_to_mixed_precision, **c,
+                       resolution=int(resolution or unet.config.sample_size * 8),
                        force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))

@@ -75,7 +75,6 @@ def ensure(cache_dir: str = "~/.cache/lcm_exp", arch=None, build=None, log_metri
 
 
 def build_into(path: Path, spec: dict, cache_dir: str, build_extra: dict, log_metric=None) -> dict:
-    from .tiny_random import save_pipeline_folder  # noqa: F401  (the layout writer the recipe uses)
     from .tiny_recipe import build
 
     b = {**spec["build"], **{k: v for k, v in build_extra.items() if k in NOT_RECIPE}}
