@@ -132,8 +132,7 @@ class Ours:
                               "encoder_hidden_states": s.teacher.text_encoder(s.input_ids)[0]}
 
     def exclusive(self, other) -> list:
-        ema = self.ema
-        own = list(ema.target.parameters()) + (list(ema._master) if ema._master is not ema._target_params else [])
+        own = self.ema.owned_tensors()
         own += [t for st in self.s.trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
         return own + ([] if self.teacher.unet is self.s.teacher.unet else list(self.teacher.unet.parameters()))
 

@@ -38,6 +38,11 @@ class EMA:
         if self._master is not self._target_params:
             torch._foreach_copy_(self._target_params, self._master)
 
+    def owned_tensors(self) -> list[torch.Tensor]:
+        """The tensors the EMA holds beyond the online network: the target (and its fp32 master, if separate)."""
+        extra = list(self._master) if self._master is not self._target_params else []
+        return list(self.target.parameters()) + extra
+
     def state_dict(self):
         return {"master": [p.detach().clone() for p in self._master]}
 

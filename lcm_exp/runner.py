@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> float:
     if not acc.is_main_process:
         tracker.enabled = False
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tags = {**run_tags(cfg), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(cfg)}
+    tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(cfg)}
     tracker.start(resolved, tags=tags, run_id=resumed_state.get("mlflow_run_id"))
     if resumed_state:  # a continued run keeps its tags; these may have changed
         tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective", "lcm_exp.objective_direction")})

@@ -123,7 +123,7 @@ def git_tags(path: str | os.PathLike | None = None) -> dict[str, str]:
         return {}
 
 
-def run_tags(cfg=None) -> dict[str, str]:
+def run_tags() -> dict[str, str]:
     """Provenance tags: git, Hydra overrides / job name / sweep, host, library versions."""
     import diffusers
     import torch

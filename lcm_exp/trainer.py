@@ -107,8 +107,8 @@ class Trainer:
             latents = teacher.encode_images(batch["pixels"].to(acc.device))
             cond = teacher.encode_prompts(batch["captions"], micro)
         n = latents.shape[0]
-        per_sample = micro is not None and hasattr(teacher, "time_ids")  # SDXL: uncond carries this batch's sizes
-        if per_sample or self._uncond is None or next(iter(self._uncond.values())).shape[0] != n:
+        stale = self._uncond is None or next(iter(self._uncond.values())).shape[0] != n
+        if stale or (micro is not None and teacher.per_sample_uncond):
             self._uncond = teacher.encode_prompts([""] * n, micro)  # else once: the empty prompt never changes
         return latents.contiguous(memory_format=self.memory_format), cond, self._uncond
 

@@ -31,6 +31,8 @@ class Teacher:
     tokenizer: CLIPTokenizer
     scheduler: DDPMScheduler
     cast_to_mixed_precision: bool = True
+    # the unconditional embeddings depend on the batch (SDXL: its micro-conditioning sizes), so not cached once
+    per_sample_uncond = False
 
     @property
     def prediction_type(self) -> str:

@@ -1,8 +1,8 @@
-"""Sampling a teacher (DDIM / DPM-Solver++) and an LCD student (LCMScheduler) with the diffusers pipelines,
-from given initial noise, in the LCM convention for guidance (a pipeline's `guidance_scale` is w + 1).
+"""Sampling a teacher (DDIM / DPM-Solver++) with the diffusers pipeline from given initial noise, in the LCM
+convention for guidance (a pipeline's `guidance_scale` is w + 1), and image grids.
 
-Used to measure the tiny teacher (`lcm-exp-build-teacher`) and in tests; the per-run evaluation of a
-distilled student lives in `lcm_exp/evaluation.py`.
+Used to measure the tiny teacher (`lcm-exp-build-teacher`) and in tests; a distilled student is measured by
+the per-run evaluation, `lcm_exp/evaluation.py`.
 """
 from __future__ import annotations
 
@@ -10,17 +10,10 @@ import math
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LatentConsistencyModelPipeline, LCMScheduler,
-                       StableDiffusionPipeline)
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
 SOLVERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
-
-
-def _parts(teacher, unet=None) -> dict:
-    return dict(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                unet=unet if unet is not None else teacher.unet, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False)
 
 
 def initial_noise(teacher, n: int, seed: int, resolution: int) -> torch.Tensor:
@@ -34,8 +27,10 @@ def initial_noise(teacher, n: int, seed: int, resolution: int) -> torch.Tensor:
 def sample_teacher(teacher, prompts: list[str], w: float, steps: int, latents: torch.Tensor,
                    solver: str = "ddim", batch: int = 64) -> torch.Tensor:
     """The teacher's samples (B, 3, H, W) in [-1, 1] with `solver` at `steps` steps and guidance w."""
-    scheduler = SOLVERS[solver].from_config(teacher.scheduler.config)
-    pipe = StableDiffusionPipeline(scheduler=scheduler, **_parts(teacher))
+    from ..evaluation import pipeline_parts
+
+    parts, teacher_cls, _ = pipeline_parts(teacher)
+    pipe = teacher_cls(unet=teacher.unet, scheduler=SOLVERS[solver].from_config(teacher.scheduler.config), **parts)
     pipe.set_progress_bar_config(disable=True)
     res = latents.shape[-1] * pipe.vae_scale_factor
     out = []
@@ -43,28 +38,6 @@ def sample_teacher(teacher, prompts: list[str], w: float, steps: int, latents: t
         out.append(pipe(list(prompts[i:i + batch]), height=res, width=res, num_inference_steps=steps,
                         guidance_scale=w + 1.0, latents=latents[i:i + batch].clone(), output_type="pt").images)
     return torch.cat(out) * 2 - 1
-
-
-@torch.no_grad()
-def sample_student(unet, teacher, prompts: list[str], w: float, steps: int, latents: torch.Tensor, skip_k: int,
-                   batch: int = 64) -> torch.Tensor:
-    """A distilled student's samples with `LCMScheduler` (original_inference_steps = 1000 // skip_k)."""
-    scheduler = LCMScheduler.from_config(teacher.scheduler.config,
-                                         original_inference_steps=teacher.scheduler.config.num_train_timesteps // skip_k)
-    pipe = LatentConsistencyModelPipeline(scheduler=scheduler, **_parts(teacher, unet))
-    pipe.set_progress_bar_config(disable=True)
-    res = latents.shape[-1] * pipe.vae_scale_factor
-    out = []
-    for i in range(0, len(prompts), batch):
-        out.append(pipe(list(prompts[i:i + batch]), height=res, width=res, num_inference_steps=steps,
-                        guidance_scale=w + 1.0, latents=latents[i:i + batch].clone(), output_type="pt").images)
-    return torch.cat(out) * 2 - 1
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean PSNR (dB) of images in [-1, 1] against a reference."""
-    mse = ((images.float() - reference.float()) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1.0 / mse)).mean())
 
 
 def grid(images: torch.Tensor, ncol: int | None = None, scale: int = 2) -> Image.Image:

@@ -21,6 +21,7 @@ from . import Teacher, load_components
 class SDXLTeacher(Teacher):
     text_encoder_2: CLIPTextModelWithProjection = None
     tokenizer_2: CLIPTokenizer = None
+    per_sample_uncond = True  # the uncond time_ids carry each batch's original sizes and crops
     resolution: int = 1024  # original and target size when the data gives none
     force_zeros_for_empty_prompt: bool = True  # the uncond ("" caption) embeddings are zeros, as in the pipeline
 
