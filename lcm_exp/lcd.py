@@ -46,6 +46,21 @@ def x0_and_eps(model_output: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor, a
     return x0, eps
 
 
+def _cast(cond, dtype: torch.dtype):
+    """The floating tensors of a (nested) conditioning dict in `dtype`."""
+    if isinstance(cond, dict):
+        return {k: _cast(v, dtype) for k, v in cond.items()}
+    return cond.to(dtype) if torch.is_tensor(cond) and cond.is_floating_point() else cond
+
+
+def native_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype every parameter of a frozen network holds when it is one low-precision dtype (bf16/fp16), else
+    None. Such a network runs natively, outside autocast: autocast would upcast its GroupNorms and softmaxes to
+    fp32 and re-cast around each op, which costs time and memory traffic and buys an inference pass nothing."""
+    dtypes = {p.dtype for p in module.parameters()}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16} else None
+
+
 def _cat_cond(cond: dict, uncond: dict) -> dict:
     """[cond; uncond] along the batch, for nested conditioning (SDXL's added_cond_kwargs) too."""
     return {k: _cat_cond(v, uncond[k]) if isinstance(v, dict) else torch.cat([v, uncond[k]]) for k, v in cond.items()}
@@ -71,10 +86,26 @@ class LCD:
     batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
     method: str = "lcd"  # lcd: the teacher's guided solver step; ct: consistency training, no teacher (CM §5)
 
-    def consistency_fn(self, unet, z, t, w_emb, cond):
+    def __post_init__(self):
+        self._native = {}
+
+    def _frozen(self, net, z, t, cond, **kw):
+        """A no-grad pass of the teacher or the target: natively in its own low precision when it has one."""
+        key = id(net)
+        if key not in self._native:
+            self._native[key] = native_dtype(net)
+        dtype = self._native[key]
+        if dtype is None:
+            return net(z, t, **kw, **cond).sample.float()
+        with torch.autocast(z.device.type, enabled=False):
+            return net(z.to(dtype), t, **_cast(kw, dtype), **_cast(cond, dtype)).sample.float()
+
+    def consistency_fn(self, unet, z, t, w_emb, cond, frozen: bool = False):
         """f(z, w, c, t) = c_skip(t) z + c_out(t) x̂0(z, t) (LCM eq. 3 with guidance w, eq. 7)."""
         c_skip, c_out = boundary_scalings(t, self.sigma_data, self.timestep_scaling)
-        out = unet(z, t, timestep_cond=w_emb, **cond).sample  # w_emb None: a student without w input (LoRA)
+        # w_emb None: a student without w input (LoRA)
+        out = (self._frozen(unet, z, t, cond, timestep_cond=w_emb) if frozen
+               else unet(z, t, timestep_cond=w_emb, **cond).sample)
         x0, _ = x0_and_eps(out, t, z, self.alphas_cumprod, self.prediction_type)
         return _bcast(c_skip, z) * z + _bcast(c_out, z) * x0
 
@@ -87,10 +118,10 @@ class LCD:
             zt = z.to(self.teacher_dtype)
             if self.batched_cfg:
                 both = _cat_cond(cond, uncond)
-                out_c, out_u = self.teacher(torch.cat([zt, zt]), torch.cat([t, t]), **both).sample.float().chunk(2)
+                out_c, out_u = self._frozen(self.teacher, torch.cat([zt, zt]), torch.cat([t, t]), both).chunk(2)
             else:
-                out_c = self.teacher(zt, t, **cond).sample.float()
-                out_u = self.teacher(zt, t, **uncond).sample.float()
+                out_c = self._frozen(self.teacher, zt, t, cond)
+                out_u = self._frozen(self.teacher, zt, t, uncond)
             x0_c, eps_c = x0_and_eps(out_c, t, z, self.alphas_cumprod, self.prediction_type)
             x0_u, eps_u = x0_and_eps(out_u, t, z, self.alphas_cumprod, self.prediction_type)
             return x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
@@ -111,9 +142,7 @@ class LCD:
         w = self.guidance.sample(bsz, device, generator)
         # (A student without a w input, LCM-LoRA, gets none: ω then acts only in the teacher's CFG.)
         w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype) if self.w_embedding_dim else None
-        # Online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7).
-        f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
-        with torch.no_grad():
+        with torch.no_grad():  # the no-grad passes first: their activations are freed before the student's are kept
             if self.method == "ct":
                 # Consistency training (CM §5, Song et al. 2023): the unbiased single-sample estimate
                 # ẑ_{t_n} = √ᾱ_{t_n} z + √(1 − ᾱ_{t_n}) ε with the same ε, in place of the teacher's solver step.
@@ -123,6 +152,8 @@ class LCD:
                 # ẑ_{t_n} = z_{t_{n+k}} + (1 + ω) Φ(...) − ω Φ(..., ∅): the guided solver step (eq. 8).
                 z_prev = self.solver(self.guided_teacher(cond, uncond, w), z_t, t, t_prev, self.alphas_cumprod)
             # Target f_θ⁻(ẑ_{t_n}, ω, c, t_n) with the EMA weights.
-            f_target = self.consistency_fn(self.target, z_prev.to(latents.dtype), t_prev, w_emb, cond)
+            f_target = self.consistency_fn(self.target, z_prev.to(latents.dtype), t_prev, w_emb, cond, frozen=True)
+        # Online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7).
+        f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
         # L = d(f_θ, f_θ⁻) (eq. 8), l2 or pseudo-Huber.
         return self.distance(f_online.float(), f_target.float())

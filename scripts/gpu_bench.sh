@@ -15,10 +15,12 @@ fi
 export PYTHONPATH=$PWD MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+ONLY=${ONLY:-}  # e.g. ONLY="all_on compile": run only these configurations
 run() {  # NAME OVERRIDES...
   local name=$1; shift
+  [[ -n $ONLY && " $ONLY " != *" $name "* ]] && return
   echo "=== $name: $*"
-  timeout 300 python3 -c "from lcm_exp.cli import bench; bench()" $TEACHER $EXTRA bench.rounds=3 \
+  timeout ${RUN_LIMIT:-300} python3 -c "from lcm_exp.cli import bench; bench()" $TEACHER $EXTRA bench.rounds=3 \
       bench.steps_per_round=2 hydra.run.dir="/tmp/lcm_bench_runs/$name" "$@" > "/tmp/lcm_bench_$name.log" 2>&1
   local rc=$?
   { echo "=== $name: $*"; cat "/tmp/lcm_bench_$name.log"; } >> "$OUT/all.log"
@@ -27,6 +29,7 @@ run() {  # NAME OVERRIDES...
                  || echo "$name failed (rc $rc)"
 }
 run all_on bench.flops=true
+run compile trainer.compile=true
 run no_precompute bench.cached=false
 run no_batched_cfg trainer.batched_cfg=false
 run fp32_teacher_and_target teacher.cast_to_mixed_precision=false ema.cast_to_mixed_precision=false

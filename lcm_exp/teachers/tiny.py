@@ -143,7 +143,7 @@ def vae_reconstruction(teacher: Teacher, resolution: int, num: int = 256, seed: 
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """`lcm-exp-build-teacher [--out DIR] [--force] [--num-prompts N] [--no-measure] [overrides]`."""
+    """`lcm-exp-build-teacher [--out DIR] [--force] [--num-prompts N] [--no-measure] [--samples-dir DIR] [overrides]`."""
     from hydra import compose, initialize_config_dir
 
     from ..cli import config_dir
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
     p.add_argument("--num-prompts", type=int, default=64, help="held-out prompts for the adherence measurement")
     p.add_argument("--no-measure", action="store_true", help="skip the adherence measurement")
+    p.add_argument("--samples-dir", help="also write the sample grids, prompts and metrics here (besides MLflow)")
     args, overrides = p.parse_known_args(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     register()
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
     tracker = MLflowTracker(uri=cfg.tracking.uri, experiment="lcm-teacher", run_name=f"tiny-{path.name}",
                             enabled=cfg.tracking.enabled, start_dir=os.getcwd())
     tracker.start({"recipe": spec, "path": str(path)}, tags={"lcm_exp.teacher": "tiny"})
-    status = "FAILED"
+    status, tmp = "FAILED", tempfile.TemporaryDirectory()
     try:
         if args.force or not (path / "model_index.json").exists():
             if path.exists() and args.force:
@@ -191,16 +192,18 @@ def main(argv: list[str] | None = None) -> Path:
             metrics, out = measure(teacher, res, args.num_prompts)
             metrics.update(vae_reconstruction(teacher, res))
             tracker.log_metrics(metrics, 0)
-            with tempfile.TemporaryDirectory() as tmp:
-                for w, imgs in out["images"].items():
-                    grid(imgs).save(Path(tmp) / f"ddim50_w{w:g}.png")
-                (Path(tmp) / "prompts.txt").write_text("\n".join(out["prompts"]) + "\n")
-                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-                tracker.log_artifact(tmp, "teacher_samples")
+            folder = Path(args.samples_dir or tmp.name)  # stays in place until the tracker has uploaded it
+            folder.mkdir(parents=True, exist_ok=True)
+            for w, imgs in out["images"].items():
+                grid(imgs).save(folder / f"ddim50_w{w:g}.png")
+            (folder / "prompts.txt").write_text("\n".join(out["prompts"]) + "\n")
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+            tracker.log_artifact(str(folder), "teacher_samples")
             for k, v in sorted(metrics.items()):
                 print(f"{k}: {v:.3f}")
         status = "FINISHED"
     finally:
         tracker.end(status)
+        tmp.cleanup()
     print(path)
     return path

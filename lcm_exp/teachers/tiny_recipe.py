@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ARCH = dict(
     resolution=32, latent_channels=4, vae_channels=[16, 32, 32], vae_layers_per_block=1, vae_norm_groups=8,
     unet_channels=[48, 96], unet_layers_per_block=1, unet_attention_heads=8, unet_norm_groups=16,
+    unet_attention_levels=1,
     text_hidden=64, text_layers=2, text_heads=4, max_length=16, prediction_type="epsilon",
 )
 #: Training recipe (all seeds and hyperparameters). `device` is not part of the recipe's identity.
@@ -72,11 +73,12 @@ def make_models(arch: dict):
         max_position_embeddings=a["max_length"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     ch, n = list(a["unet_channels"]), len(a["unet_channels"])
+    m = min(n, int(a["unet_attention_levels"]))  # resolution levels with (self + cross) attention, finest first
     unet = UNet2DConditionModel(
         sample_size=a["resolution"] // 2 ** (len(vch) - 1), in_channels=a["latent_channels"],
         out_channels=a["latent_channels"], block_out_channels=ch, layers_per_block=a["unet_layers_per_block"],
-        down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+        down_block_types=["CrossAttnDownBlock2D"] * m + ["DownBlock2D"] * (n - m),
+        up_block_types=["UpBlock2D"] * (n - m) + ["CrossAttnUpBlock2D"] * m,
         cross_attention_dim=a["text_hidden"], attention_head_dim=a["unet_attention_heads"],
         norm_num_groups=a["unet_norm_groups"])
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -202,6 +204,8 @@ def build(path: Path, arch: dict, build: dict, cache_dir: str = "~/.cache/lcm_ex
     a, b = {**DEFAULT_ARCH, **arch}, {**DEFAULT_BUILD, **build}
     log_metric = log_metric or (lambda *_: None)
     device = torch.device(b.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # TF32 matmuls: the tiny models are launch-bound there, but it costs nothing
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(b["seed"])
     times = {}
     t0 = time.perf_counter()
