@@ -122,7 +122,7 @@ class Ours:
                   guidance=instantiate(s.cfg.guidance), distance=s.distance, w_embedding_dim=s.student.w_embedding_dim,
                   sigma_data=s.student.sigma_data, timestep_scaling=s.student.timestep_scaling,
                   teacher_dtype=s.trainer.weight_dtype if cast else torch.float32,
-                  batched_cfg=s.cfg.trainer.batched_cfg)
+                  batched_cfg=s.cfg.trainer.batched_cfg, teacher_first=s.cfg.trainer.teacher_first)
         s.trainer.prepare(lcd, s.student, self.ema, optimizer, scheduler)
         self.batch = {"pixels": s.pixels, "captions": s.captions}
         if s.cfg.bench.cached:

@@ -145,6 +145,7 @@ class TrainerConfig:
     output_dir: str = "."  # relative to the job's working dir (Hydra's run dir)
     # speed switches, each measured by lcm-exp-bench
     batched_cfg: bool = True  # the teacher's cond and uncond passes as one batched forward
+    teacher_first: bool = True  # the no-grad teacher/target passes before the student's forward (same loss)
     channels_last: bool = False
     attention: str = "sdpa"  # sdpa | xformers
     gradient_checkpointing: bool = False

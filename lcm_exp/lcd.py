@@ -84,6 +84,7 @@ class LCD:
     timestep_scaling: float = 10.0
     teacher_dtype: torch.dtype = torch.float32
     batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
+    teacher_first: bool = False  # the no-grad teacher/target passes before the online forward (same loss)
     method: str = "lcd"  # lcd: the teacher's guided solver step; ct: consistency training, no teacher (CM §5)
 
     def __post_init__(self):
@@ -142,7 +143,12 @@ class LCD:
         w = self.guidance.sample(bsz, device, generator)
         # (A student without a w input, LCM-LoRA, gets none: ω then acts only in the teacher's CFG.)
         w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype) if self.w_embedding_dim else None
-        with torch.no_grad():  # the no-grad passes first: their activations are freed before the student's are kept
+        # The no-grad passes (teacher, target) run before the online forward when `teacher_first`: the same
+        # numbers, but the student's saved activations are not held across the teacher's batch (lower peak
+        # memory) and are still warm in cache when the backward pass starts.
+        if not self.teacher_first:
+            f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
+        with torch.no_grad():
             if self.method == "ct":
                 # Consistency training (CM §5, Song et al. 2023): the unbiased single-sample estimate
                 # ẑ_{t_n} = √ᾱ_{t_n} z + √(1 − ᾱ_{t_n}) ε with the same ε, in place of the teacher's solver step.
@@ -153,7 +159,8 @@ class LCD:
                 z_prev = self.solver(self.guided_teacher(cond, uncond, w), z_t, t, t_prev, self.alphas_cumprod)
             # Target f_θ⁻(ẑ_{t_n}, ω, c, t_n) with the EMA weights.
             f_target = self.consistency_fn(self.target, z_prev.to(latents.dtype), t_prev, w_emb, cond, frozen=True)
-        # Online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7).
-        f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
+        if self.teacher_first:
+            # Online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7).
+            f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
         # L = d(f_θ, f_θ⁻) (eq. 8), l2 or pseudo-Huber.
         return self.distance(f_online.float(), f_target.float())

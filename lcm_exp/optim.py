@@ -10,12 +10,21 @@ from diffusers.optimization import get_scheduler
 
 def adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None,
           **_) -> torch.optim.Optimizer:
-    """torch AdamW; fused on CUDA (one kernel for all parameters), foreach elsewhere."""
+    """torch AdamW; fused (one kernel for all parameters) wherever torch has the fused kernel for the parameters'
+    device and dtype -- CUDA and, since torch 2.4, the CPU -- foreach elsewhere."""
     params = list(params)
-    on_cuda = all(p.is_cuda for p in params) and len(params) > 0
-    fused = on_cuda if fused is None else fused
+    fused = _fused_supported(params) if fused is None else fused
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                              fused=fused or None, foreach=None if fused else True)
+
+
+def _fused_supported(params) -> bool:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # an older torch: CUDA only
+        devices = {"cuda"}
+    return len(params) > 0 and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def adamw8bit(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, **_):

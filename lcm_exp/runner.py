@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> float:
                   w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
                   timestep_scaling=student.timestep_scaling,
                   teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
-                  batched_cfg=cfg.trainer.batched_cfg)
+                  batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
         optimizer = instantiate(cfg.optim)(params=student.trainable_parameters())
         n = acc.num_processes  # accelerate steps a prepared scheduler once per process
         scheduler = lr_schedule(optimizer, cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps * n, cfg.trainer.max_steps * n)

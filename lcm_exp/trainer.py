@@ -37,6 +37,7 @@ class Trainer:
     output_dir: str = "."
     # speed switches (each measured by lcm-exp-bench)
     batched_cfg: bool = True  # the teacher's cond and uncond passes in one batched forward
+    teacher_first: bool = True  # the no-grad teacher/target passes before the student's forward (same loss)
     channels_last: bool = False
     attention: str = "sdpa"  # sdpa | xformers
     gradient_checkpointing: bool = False

@@ -34,6 +34,7 @@ run no_precompute bench.cached=false
 run no_batched_cfg trainer.batched_cfg=false
 run fp32_teacher_and_target teacher.cast_to_mixed_precision=false ema.cast_to_mixed_precision=false
 run no_fused_adamw optim.fused=false
+run no_teacher_first trainer.teacher_first=false
 run channels_last trainer.channels_last=true
 run grad_checkpointing trainer.gradient_checkpointing=true
 python3 - "$OUT/results.jsonl" <<'PY'
