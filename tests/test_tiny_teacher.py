@@ -104,3 +104,28 @@ def test_config_recipe_equals_the_code_defaults():
         cfg = compose("config")
     assert cfg.teacher.name == "tiny" and cfg.data.resolution == recipe()["arch"]["resolution"]
     assert recipe(cfg.teacher.arch, cfg.teacher.build) == recipe()
+
+
+def test_unet_stage_resumes_where_it_was_interrupted(tmp_path):
+    """An interrupted build continues from its last saved state and ends with the weights of an uninterrupted one."""
+    from lcm_exp.teachers.tiny_recipe import DEFAULT_BUILD, make_models, train_unet
+
+    arch = dict(unet_channels=[16, 32], unet_norm_groups=8, unet_attention_levels=1, text_hidden=16, text_heads=2)
+    b = {**DEFAULT_BUILD, "unet_steps": 4, "unet_batch": 4, "unet_warmup": 1}
+    latents, captions = torch.randn(8, 4, 8, 8), [caption(s) for s in scenes("train", 8, 0)]
+
+    def run(work, steps):
+        torch.manual_seed(0)
+        _, text, tok, unet, sched = make_models(arch)
+        ema, _ = train_unet(unet, text, tok, sched, latents, captions, {**b, "unet_steps": steps}, "cpu",
+                            lambda *_: None, work=work, every=2)
+        return ema.state_dict()
+
+    full = run(None, 4)
+    work = tmp_path / "work"
+    work.mkdir()
+    run(work, 3)  # "interrupted" after step 3: its last saved state is step 2
+    assert torch.load(work / "unet_state.pt", weights_only=False)["step"] == 2
+    resumed = run(work, 4)  # steps 3 and 4 again, from the saved state
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k])
