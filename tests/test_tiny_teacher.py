@@ -27,8 +27,8 @@ def test_default_recipe_is_the_shipped_teacher(teacher, tmp_path):
     assert teacher.path == str(ASSETS) and teacher.prediction_type == "epsilon"
     assert teacher.scheduler.config.beta_schedule == "scaled_linear" and teacher.num_train_timesteps == 1000
     assert all(p.dtype == torch.float32 for m in teacher.frozen_modules() for p in m.parameters())
-    assert 1e6 < sum(p.numel() for p in teacher.unet.parameters()) < 3e6
-    assert sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file()) < 8e6
+    assert 1e6 < sum(p.numel() for p in teacher.unet.parameters()) < 4e6
+    assert sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file()) < 9e6
     # like SD 1.5: the plain diffusers pipeline loads the same folder
     pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS))
     assert pipe.vae.config.scaling_factor == teacher.vae.config.scaling_factor != 1.0
@@ -52,21 +52,21 @@ def test_tokenizer_makes_shapes_words_single_tokens(teacher):
     assert len(tok(longest).input_ids) == len(longest.split()) + 2 <= tok.model_max_length
 
 
-@pytest.mark.xfail(strict=True, reason="INCOMPLETE: the shipped teacher misses this bar (VAE reconstructions: shape 34%; DDIM-50 adherence ~3%: position and shape not learnt); see the issue 3 note")
+@pytest.mark.xfail(strict=True, reason="INCOMPLETE: the shipped VAE loses the shape of some small crosses (reconstructions: shape 86%, every other attribute 100%); a longer VAE stage reaches 95% (issue 3 note)")
 def test_vae_reconstructions_pass_the_checker(teacher):
     rates = vae_reconstruction(teacher, 32, num=64, seed=5)
     assert rates["vae_reconstruction/all"] >= 0.95, rates
 
 
-@pytest.mark.xfail(strict=True, reason="INCOMPLETE: the shipped teacher misses this bar (VAE reconstructions: shape 34%; DDIM-50 adherence ~3%: position and shape not learnt); see the issue 3 note")
 def test_ddim_samples_of_held_out_prompts_adhere(teacher):
     from lcm_exp.data.adherence import attribute_rates
 
-    prompts = eval_prompts(16, seed=7)
-    images = sample_teacher(teacher, prompts, w=3.0, steps=20, latents=initial_noise(teacher, 16, 7, 32))
-    assert images.shape == (16, 3, 32, 32)
+    prompts = eval_prompts(64, seed=7)  # not the prompts or noise of the reported measurement (seed 0)
+    images = sample_teacher(teacher, prompts, w=5.0, steps=50, latents=initial_noise(teacher, 64, 7, 32))
+    assert images.shape == (64, 3, 32, 32)
     rates = attribute_rates(images, prompts)
     assert rates["all"] >= 0.75, rates
+    assert min(rates[k] for k in ("colour", "position", "size", "background")) >= 0.95, rates
 
 
 def test_build_command_at_tiny_scale(tmp_path, monkeypatch):
