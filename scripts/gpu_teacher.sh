@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Builds tiny-teacher recipes on a CUDA machine, in parallel (the tiny models are launch-bound: one GPU runs
-# several builds at once), and measures each (DDIM-50 adherence per w, VAE reconstructions, sample grids).
+# Builds tiny-teacher recipes on a CUDA machine, in parallel, and measures each (DDIM-50 adherence per w, VAE
+# reconstructions, sample grids). Measured on one H200 (2026-11-26): the tiny models are host-bound there --
+# the UNet stage ran ~12 steps/s at batch 512 whether one build or two ran at once, the VAE stage ~30 steps/s
+# at batch 128, and writing 60k images took ~100 s -- so size LIMIT from those rates. A build killed by LIMIT
+# keeps its stages in /tmp/teachers/NAME.partial and continues from them when run again on the same machine.
 # Run from the repository root; packages the image lacks come as wheels (see scripts/gpu_bench.sh):
 #   WHEELS=.gpu/wheels OUT=/tmp/out bash scripts/gpu_teacher.sh NAME="overrides ..." [NAME="overrides ..."]
 set -uo pipefail

@@ -27,8 +27,8 @@ def test_default_recipe_is_the_shipped_teacher(teacher, tmp_path):
     assert teacher.path == str(ASSETS) and teacher.prediction_type == "epsilon"
     assert teacher.scheduler.config.beta_schedule == "scaled_linear" and teacher.num_train_timesteps == 1000
     assert all(p.dtype == torch.float32 for m in teacher.frozen_modules() for p in m.parameters())
-    assert 1e6 < sum(p.numel() for p in teacher.unet.parameters()) < 3e6
-    assert sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file()) < 8e6
+    assert 1e6 < sum(p.numel() for p in teacher.unet.parameters()) < 4e6
+    assert sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file()) < 9e6
     # like SD 1.5: the plain diffusers pipeline loads the same folder
     pipe = StableDiffusionPipeline.from_pretrained(str(ASSETS))
     assert pipe.vae.config.scaling_factor == teacher.vae.config.scaling_factor != 1.0
@@ -52,21 +52,21 @@ def test_tokenizer_makes_shapes_words_single_tokens(teacher):
     assert len(tok(longest).input_ids) == len(longest.split()) + 2 <= tok.model_max_length
 
 
-@pytest.mark.xfail(strict=True, reason="INCOMPLETE: the shipped teacher misses this bar (VAE reconstructions: shape 34%; DDIM-50 adherence ~3%: position and shape not learnt); see the issue 3 note")
+@pytest.mark.xfail(strict=True, reason="INCOMPLETE: the shipped VAE loses the shape of some small crosses (reconstructions: shape 86%, every other attribute 100%); a longer VAE stage reaches 95% (issue 3 note)")
 def test_vae_reconstructions_pass_the_checker(teacher):
     rates = vae_reconstruction(teacher, 32, num=64, seed=5)
     assert rates["vae_reconstruction/all"] >= 0.95, rates
 
 
-@pytest.mark.xfail(strict=True, reason="INCOMPLETE: the shipped teacher misses this bar (VAE reconstructions: shape 34%; DDIM-50 adherence ~3%: position and shape not learnt); see the issue 3 note")
 def test_ddim_samples_of_held_out_prompts_adhere(teacher):
     from lcm_exp.data.adherence import attribute_rates
 
-    prompts = eval_prompts(16, seed=7)
-    images = sample_teacher(teacher, prompts, w=3.0, steps=20, latents=initial_noise(teacher, 16, 7, 32))
-    assert images.shape == (16, 3, 32, 32)
+    prompts = eval_prompts(64, seed=7)  # not the prompts or noise of the reported measurement (seed 0)
+    images = sample_teacher(teacher, prompts, w=5.0, steps=50, latents=initial_noise(teacher, 64, 7, 32))
+    assert images.shape == (64, 3, 32, 32)
     rates = attribute_rates(images, prompts)
     assert rates["all"] >= 0.75, rates
+    assert min(rates[k] for k in ("colour", "position", "size", "background")) >= 0.95, rates
 
 
 def test_build_command_at_tiny_scale(tmp_path, monkeypatch):
@@ -104,3 +104,28 @@ def test_config_recipe_equals_the_code_defaults():
         cfg = compose("config")
     assert cfg.teacher.name == "tiny" and cfg.data.resolution == recipe()["arch"]["resolution"]
     assert recipe(cfg.teacher.arch, cfg.teacher.build) == recipe()
+
+
+def test_unet_stage_resumes_where_it_was_interrupted(tmp_path):
+    """An interrupted build continues from its last saved state and ends with the weights of an uninterrupted one."""
+    from lcm_exp.teachers.tiny_recipe import DEFAULT_BUILD, make_models, train_unet
+
+    arch = dict(unet_channels=[16, 32], unet_norm_groups=8, unet_attention_levels=1, text_hidden=16, text_heads=2)
+    b = {**DEFAULT_BUILD, "unet_steps": 4, "unet_batch": 4, "unet_warmup": 1}
+    latents, captions = torch.randn(8, 4, 8, 8), [caption(s) for s in scenes("train", 8, 0)]
+
+    def run(work, steps):
+        torch.manual_seed(0)
+        _, text, tok, unet, sched = make_models(arch)
+        ema, _ = train_unet(unet, text, tok, sched, latents, captions, {**b, "unet_steps": steps}, "cpu",
+                            lambda *_: None, work=work, every=2)
+        return ema.state_dict()
+
+    full = run(None, 4)
+    work = tmp_path / "work"
+    work.mkdir()
+    run(work, 3)  # "interrupted" after step 3: its last saved state is step 2
+    assert torch.load(work / "unet_state.pt", weights_only=False)["step"] == 2
+    resumed = run(work, 4)  # steps 3 and 4 again, from the saved state
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k])

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     p = argparse.ArgumentParser(prog="lcm-exp-build-teacher", description=main.__doc__)
     p.add_argument("--out", help="write the teacher here (e.g. lcm_exp/assets/tiny_teacher) instead of the cache")
-    p.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
+    p.add_argument("--force", action="store_true", help="rebuild from scratch even if the folder exists (without it, "
+                   "an interrupted build continues from its saved stages in DIR.partial)")
     p.add_argument("--num-prompts", type=int, default=64, help="held-out prompts for the adherence measurement")
     p.add_argument("--no-measure", action="store_true", help="skip the adherence measurement")
     p.add_argument("--samples-dir", help="also write the sample grids, prompts and metrics here (besides MLflow)")
@@ -173,10 +174,11 @@ def main(argv: list[str] | None = None) -> Path:
     status, tmp = "FAILED", tempfile.TemporaryDirectory()
     try:
         if args.force or not (path / "model_index.json").exists():
-            if path.exists() and args.force:
+            if args.force:  # from scratch: neither the folder nor an interrupted build's stages are reused
                 import shutil
 
-                shutil.rmtree(path)
+                for stale in (path, Path(str(path) + ".partial")):
+                    shutil.rmtree(stale, ignore_errors=True)
             info = build_into(path, spec, t.cache_dir, _plain(t.build),
                               lambda k, v, s: tracker.log_metrics({f"train/{k}": v}, s))
             tracker.log_metrics({f"build/{k}": v for k, v in info.items() if isinstance(v, float)}, 0)

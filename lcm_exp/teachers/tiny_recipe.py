@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,16 +41,16 @@ log = logging.getLogger(__name__)
 #: Architecture: 32 px images -> 8x8x4 latents; a ~1.8M-parameter UNet; a 2-layer CLIP text encoder.
 DEFAULT_ARCH = dict(
     resolution=32, latent_channels=4, vae_channels=[16, 32, 32], vae_layers_per_block=1, vae_norm_groups=8,
-    unet_channels=[48, 96], unet_layers_per_block=1, unet_attention_heads=8, unet_norm_groups=16,
-    unet_attention_levels=1,
+    unet_channels=[48, 96, 96], unet_layers_per_block=1, unet_attention_heads=8, unet_norm_groups=16,
+    unet_attention_levels=2,
     text_hidden=64, text_layers=2, text_heads=4, max_length=16, prediction_type="epsilon",
 )
 #: Training recipe (all seeds and hyperparameters). `device` is not part of the recipe's identity.
 DEFAULT_BUILD = dict(
-    seed=0, num_samples=10000, data_seed=0,
-    vae_steps=2000, vae_batch=16, vae_lr=1e-3, vae_kl=1e-6, vae_fg_weight=20.0,
-    unet_steps=2500, unet_batch=64, unet_lr=1e-3, unet_warmup=100, unet_weight_decay=0.0,
-    text_lr=5e-4, caption_dropout=0.1, ema_decay=0.995, grad_clip=1.0,
+    seed=0, num_samples=30000, data_seed=0,
+    vae_steps=7000, vae_batch=32, vae_lr=1e-3, vae_kl=1e-6, vae_fg_weight=20.0,
+    unet_steps=5000, unet_batch=64, unet_lr=1e-3, unet_warmup=200, unet_weight_decay=0.0,
+    text_lr=5e-4, caption_dropout=0.1, ema_decay=0.999, grad_clip=1.0,
 )
 NOT_RECIPE = ("device", "threads")  # keys of `build` that do not change the weights
 
@@ -144,8 +146,10 @@ def encode_all(vae: AutoencoderKL, images: torch.Tensor, device, batch: int = 25
 
 
 def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, b: dict, device,
-               log_metric: Callable):
-    """Joint UNet + text-encoder training on precomputed latents; returns the EMA copies."""
+               log_metric: Callable, work: Path | None = None, every: int = 250):
+    """Joint UNet + text-encoder training on precomputed latents; returns the EMA copies. With `work`, the
+    full training state (networks, EMAs, optimiser, generator, step) is saved there every `every` steps and
+    an interrupted build continues from it, drawing the same random numbers it would have drawn."""
     g = torch.Generator().manual_seed(b["seed"] + 2)
     ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
@@ -162,7 +166,17 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, b: d
              for e, p in zip(em.parameters(), m.parameters())]
     acp = scheduler.alphas_cumprod.to(device)
     latents = latents.to(device)
-    bar = tqdm(range(b["unet_steps"]), desc="tiny teacher 3/3: UNet + text encoder", unit="step")
+    nets = dict(unet=unet, text=text_encoder, ema_unet=ema_unet, ema_text=ema_text, opt=opt)
+    start, ckpt = 0, (work / "unet_state.pt") if work else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        for k, m in nets.items():
+            m.load_state_dict(state[k])
+        g.set_state(state["generator"])
+        start = state["step"]
+        log.info("tiny teacher: UNet training continues from step %d (%s)", start, ckpt)
+    bar = tqdm(range(start, b["unet_steps"]), desc="tiny teacher 3/3: UNet + text encoder", unit="step",
+               initial=start, total=b["unet_steps"])
     window = []
     for step in bar:
         f = _cosine(step, b["unet_steps"], b["unet_warmup"])
@@ -192,6 +206,10 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, b: d
             bar.set_postfix(loss=f"{np.mean(window):.4f}")
             log_metric("unet/loss", float(np.mean(window)), step)
             window = []
+        if ckpt is not None and (step + 1) % every == 0 and step + 1 < b["unet_steps"]:
+            state = {k: m.state_dict() for k, m in nets.items()} | {"generator": g.get_state(), "step": step + 1}
+            torch.save(state, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)  # atomic: a kill mid-save keeps the previous state
     return ema_unet, ema_text
 
 
@@ -212,13 +230,28 @@ def build(path: Path, arch: dict, build: dict, cache_dir: str = "~/.cache/lcm_ex
     vae, text_encoder, tokenizer, unet, scheduler = make_models(a)
     images, captions = load_images(cache_dir, b["num_samples"], a["resolution"], b["data_seed"])
     times["data_s"] = time.perf_counter() - t0
-    train_vae(vae, images, b, device, log_metric)
+    # stages survive an interruption: <path>.partial/ holds the trained VAE and the UNet training state
+    work = Path(str(path) + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = json.dumps({"arch": a, "build": {k: v for k, v in b.items() if k not in NOT_RECIPE}}, sort_keys=True)
+    if not (work / "recipe.json").exists() or (work / "recipe.json").read_text() != stamp:
+        shutil.rmtree(work)
+        work.mkdir(parents=True)
+        (work / "recipe.json").write_text(stamp)
+    if (work / "vae.pt").exists():
+        vae.load_state_dict(torch.load(work / "vae.pt", map_location="cpu"))
+        vae.eval().requires_grad_(False).to(device)
+        log.info("tiny teacher: the VAE stage is done already (%s)", work / "vae.pt")
+    else:
+        train_vae(vae, images, b, device, log_metric)
+        torch.save(vae.state_dict(), work / "vae.tmp")
+        (work / "vae.tmp").replace(work / "vae.pt")
     times["vae_s"] = time.perf_counter() - t0 - times["data_s"]
     latents = encode_all(vae, images, device)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     ema_unet, ema_text = train_unet(unet, text_encoder, tokenizer, scheduler, latents * scaling, captions, b,
-                                    device, log_metric)
+                                    device, log_metric, work=work)
     times["unet_s"] = time.perf_counter() - t0 - times["data_s"] - times["vae_s"]
     parts = dict(unet=ema_unet, vae=vae, text_encoder=ema_text)
     for m in parts.values():
@@ -227,5 +260,6 @@ def build(path: Path, arch: dict, build: dict, cache_dir: str = "~/.cache/lcm_ex
     save_pipeline_folder(path, unet=ema_unet.half(), vae=vae.half(), text_encoder=ema_text.float(),
                          tokenizer=tokenizer, scheduler=scheduler)
     ema_unet.float(), vae.float()
+    shutil.rmtree(work, ignore_errors=True)
     times["total_s"] = time.perf_counter() - t0
     return {**times, "scaling_factor": scaling, "device": str(device)}
