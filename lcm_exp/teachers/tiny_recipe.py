@@ -38,7 +38,7 @@ from .tokenizer import build_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-#: Architecture: 32 px images -> 8x8x4 latents; a ~1.8M-parameter UNet; a 2-layer CLIP text encoder.
+#: Architecture: 32 px images -> 8x8x4 latents; a ~3.3M-parameter 3-level UNet; a 2-layer CLIP text encoder.
 DEFAULT_ARCH = dict(
     resolution=32, latent_channels=4, vae_channels=[16, 32, 32], vae_layers_per_block=1, vae_norm_groups=8,
     unet_channels=[48, 96, 96], unet_layers_per_block=1, unet_attention_heads=8, unet_norm_groups=16,
