@@ -57,6 +57,8 @@ def native_dtype(module: torch.nn.Module) -> torch.dtype | None:
     """The dtype every parameter of a frozen network holds when it is one low-precision dtype (bf16/fp16), else
     None. Such a network runs natively, outside autocast: autocast would upcast its GroupNorms and softmaxes to
     fp32 and re-cast around each op, which costs time and memory traffic and buys an inference pass nothing."""
+    if not isinstance(module, torch.nn.Module):  # e.g. LCM-LoRA's teacher, the student with adapters off
+        return None
     dtypes = {p.dtype for p in module.parameters()}
     return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16} else None
 

@@ -119,3 +119,15 @@ def test_ema_update():
     # θ⁻ = 0.9² · 0 + (1 − 0.9²) · 1
     torch.testing.assert_close(ema.target.weight, torch.full((1, 2), 1 - 0.81))
     assert not ema.target.weight.requires_grad
+
+
+def test_frozen_networks_run_natively_only_when_wholly_low_precision():
+    from lcm_exp.lcd import native_dtype
+    from lcm_exp.students import AdaptersDisabled
+
+    lin = torch.nn.Linear(2, 2)
+    assert native_dtype(lin) is None  # fp32: autocast as usual
+    assert native_dtype(lin.to(torch.bfloat16)) == torch.bfloat16
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2))  # e.g. fp32 LoRA on fp16
+    assert native_dtype(mixed) is None
+    assert native_dtype(AdaptersDisabled(lin)) is None
