@@ -89,15 +89,9 @@ class LCD:
     teacher_first: bool = False  # the no-grad teacher/target passes before the online forward (same loss)
     method: str = "lcd"  # lcd: the teacher's guided solver step; ct: consistency training, no teacher (CM §5)
 
-    def __post_init__(self):
-        self._native = {}
-
     def _frozen(self, net, z, t, cond, **kw):
         """A no-grad pass of the teacher or the target: natively in its own low precision when it has one."""
-        key = id(net)
-        if key not in self._native:
-            self._native[key] = native_dtype(net)
-        dtype = self._native[key]
+        dtype = native_dtype(net)
         if dtype is None:
             return net(z, t, **kw, **cond).sample.float()
         with torch.autocast(z.device.type, enabled=False):
