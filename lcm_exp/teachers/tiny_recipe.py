@@ -48,7 +48,7 @@ DEFAULT_ARCH = dict(
 #: Training recipe (all seeds and hyperparameters). `device` is not part of the recipe's identity.
 DEFAULT_BUILD = dict(
     seed=0, num_samples=30000, data_seed=0,
-    vae_steps=7000, vae_batch=32, vae_lr=1e-3, vae_kl=1e-6, vae_fg_weight=20.0,
+    vae_steps=13000, vae_batch=32, vae_lr=1e-3, vae_kl=1e-6, vae_fg_weight=20.0,
     unet_steps=5000, unet_batch=64, unet_lr=1e-3, unet_warmup=200, unet_weight_decay=0.0,
     text_lr=5e-4, caption_dropout=0.1, ema_decay=0.999, grad_clip=1.0,
 )
