@@ -113,18 +113,24 @@ def test_unet_stage_resumes_where_it_was_interrupted(tmp_path):
     b = {**DEFAULT_BUILD, "unet_steps": 4, "unet_batch": 4, "unet_warmup": 1}
     latents, captions = torch.randn(8, 4, 8, 8), [caption(s) for s in scenes("train", 8, 0)]
 
+    calls = []
+
     def run(work, steps):
         torch.manual_seed(0)
         _, text, tok, unet, sched = make_models(arch)
+        calls.clear()
+        unet.register_forward_hook(lambda *_: calls.append(1))  # one UNet forward per training step
         ema, _ = train_unet(unet, text, tok, sched, latents, captions, {**b, "unet_steps": steps}, "cpu",
                             lambda *_: None, work=work, every=2)
         return ema.state_dict()
 
     full = run(None, 4)
+    assert len(calls) == 4
     work = tmp_path / "work"
     work.mkdir()
     run(work, 3)  # "interrupted" after step 3: its last saved state is step 2
     assert torch.load(work / "unet_state.pt", weights_only=False)["step"] == 2
     resumed = run(work, 4)  # steps 3 and 4 again, from the saved state
+    assert len(calls) == 2  # it continued from step 2 rather than starting over
     for k in full:
         torch.testing.assert_close(resumed[k], full[k])
