@@ -19,7 +19,7 @@ import time
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .guidance import guidance_embedding
 from .lcd import LCD, boundary_scalings, x0_and_eps
@@ -104,28 +104,29 @@ class Reference:
 
 
 class Ours:
-    """`Trainer.step` on precomputed latents/embeddings, with the configured speed switches."""
+    """`Trainer.step` on precomputed latents/embeddings, with the configured speed switches (`cfg`: the bench's
+    config, or a variant of it with some switches off)."""
 
-    name = "ours"
-
-    def __init__(self, s):
-        self.s = s
+    def __init__(self, s, cfg: DictConfig | None = None, name: str = "ours"):
+        self.s, self.name = s, name
+        cfg = cfg or s.cfg
+        self.trainer = trainer = instantiate(cfg.trainer)(output_dir=".") if cfg is not s.cfg else s.trainer
         teacher = copy.copy(s.teacher)  # shares the VAE/text encoder; its UNet may become a cast copy
-        cast = s.trainer.weight_dtype != torch.float32 and s.teacher.cast_to_mixed_precision
-        teacher.unet = copy.deepcopy(s.teacher.unet).to(s.trainer.weight_dtype) if cast else s.teacher.unet
+        cast = trainer.weight_dtype != torch.float32 and cfg.teacher.cast_to_mixed_precision
+        teacher.unet = copy.deepcopy(s.teacher.unet).to(trainer.weight_dtype) if cast else s.teacher.unet
         self.teacher = teacher
-        self.ema = instantiate(s.cfg.ema)(online=s.student.unet, dtype=s.trainer.weight_dtype)
-        optimizer = instantiate(s.cfg.optim)(params=s.student.trainable_parameters())
+        self.ema = instantiate(cfg.ema)(online=s.student.unet, dtype=trainer.weight_dtype)
+        optimizer = instantiate(cfg.optim)(params=s.student.trainable_parameters())
         scheduler = lr_schedule(optimizer, "constant", 0, 10 ** 9)
         lcd = LCD(student=s.student.unet, target=self.ema.target, teacher=teacher.unet, alphas_cumprod=s.alphas_cumprod,
-                  prediction_type=s.prediction_type, solver=instantiate(s.cfg.solver), skip=s.skip,
-                  guidance=instantiate(s.cfg.guidance), distance=s.distance, w_embedding_dim=s.student.w_embedding_dim,
+                  prediction_type=s.prediction_type, solver=instantiate(cfg.solver), skip=s.skip,
+                  guidance=instantiate(cfg.guidance), distance=s.distance, w_embedding_dim=s.student.w_embedding_dim,
                   sigma_data=s.student.sigma_data, timestep_scaling=s.student.timestep_scaling,
-                  teacher_dtype=s.trainer.weight_dtype if cast else torch.float32,
-                  batched_cfg=s.cfg.trainer.batched_cfg, teacher_first=s.cfg.trainer.teacher_first)
-        s.trainer.prepare(lcd, s.student, self.ema, optimizer, scheduler)
+                  teacher_dtype=trainer.weight_dtype if cast else torch.float32,
+                  batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
+        trainer.prepare(lcd, s.student, self.ema, optimizer, scheduler)
         self.batch = {"pixels": s.pixels, "captions": s.captions}
-        if s.cfg.bench.cached:
+        if cfg.bench.cached:
             with torch.no_grad():  # data=cached: what `lcm-exp-precompute` stores per sample
                 posterior = s.teacher.vae.encode(s.pixels).latent_dist
                 self.batch = {"latent_mean": posterior.mean, "latent_std": posterior.std, "captions": s.captions,
@@ -133,11 +134,11 @@ class Ours:
 
     def exclusive(self, other) -> list:
         own = self.ema.owned_tensors()
-        own += [t for st in self.s.trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        own += [t for st in self.trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
         return own + ([] if self.teacher.unet is self.s.teacher.unet else list(self.teacher.unet.parameters()))
 
     def step(self, generator):
-        loss, _ = self.s.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm)
+        loss, _ = self.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm)
         return loss
 
 
@@ -168,11 +169,47 @@ class Setup:
                              return_tensors="pt").input_ids.to(device)
 
 
+# `bench.ablate`: our step with one speed switch off, timed interleaved with the others (the overrides that undo it)
+ABLATIONS = {
+    "parallel_chunks": ["trainer.parallel_chunks=1"],
+    "batched_cfg": ["trainer.batched_cfg=false"],
+    "teacher_first": ["trainer.teacher_first=false"],
+    "cached": ["bench.cached=false"],
+    "fused_adamw": ["optim.fused=false"],
+    "cast_frozen": ["teacher.cast_to_mixed_precision=false", "ema.cast_to_mixed_precision=false"],
+}
+ABLATIONS["all"] = [o for name in list(ABLATIONS) for o in ABLATIONS[name]]
+
+
+def ablations(names) -> dict[str, list[str]]:
+    """`bench.ablate` resolved: `each` is every switch on its own plus `all`."""
+    names = list(names or [])
+    if "each" in names:
+        names = [n for n in names if n != "each"] + [n for n in ABLATIONS if n not in names]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"bench.ablate: unknown switch(es) {unknown}; choose from {sorted(ABLATIONS)} or each")
+    return {n: ABLATIONS[n] for n in names}
+
+
+def variant(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+
+
 def count_flops(path, seed: int) -> int:
+    """Model FLOPs of one step. The counter sees only its own thread, so chunks run in turn here (same FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        path.step(torch.Generator().manual_seed(seed))
+    trainer = getattr(path, "trainer", None)
+    chunks = trainer.chunks if trainer else 1
+    try:
+        if trainer:
+            trainer.chunks = 1
+        with FlopCounterMode(display=False) as counter:
+            path.step(torch.Generator().manual_seed(seed))
+    finally:
+        if trainer:
+            trainer.chunks = chunks
     return counter.get_total_flops()
 
 
@@ -181,6 +218,7 @@ def run_bench(cfg: DictConfig) -> dict:
     s = Setup(cfg)
     device = s.acc.device
     paths = [Reference(s), Ours(s)]
+    paths += [Ours(s, variant(cfg, ov), name=f"without_{n}") for n, ov in ablations(b.ablate).items()]
     gen = torch.Generator().manual_seed(0)
     for _ in range(b.warmup):
         for p in paths:
@@ -188,7 +226,7 @@ def run_bench(cfg: DictConfig) -> dict:
     times = {p.name: [] for p in paths}
     peak = {p.name: 0 for p in paths}
     for r in range(b.rounds):
-        for p in (paths if r % 2 == 0 else paths[::-1]):  # alternate the order: drift hits both alike
+        for p in (paths if r % 2 == 0 else paths[::-1]):  # alternate the order: drift hits all alike
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             for _ in range(b.steps_per_round):
@@ -198,24 +236,27 @@ def run_bench(cfg: DictConfig) -> dict:
                 _sync(device)
                 times[p.name].append(time.perf_counter() - t0)
             if device.type == "cuda":
-                other = next(q for q in paths if q is not p)
-                peak[p.name] = max(peak[p.name], torch.cuda.max_memory_allocated(device) - _bytes(other.exclusive(p)))
-    flops = {p.name: count_flops(p, 1) for p in paths} if b.flops else {}
+                others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)
+                peak[p.name] = max(peak[p.name], torch.cuda.max_memory_allocated(device) - others)
+    flops = {p.name: count_flops(p, 1) for p in paths[:2]} if b.flops else {}
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "batch_size": s.batch_size, "resolution": cfg.data.resolution,
-              "mixed_precision": s.trainer.accelerator.mixed_precision, "steps_timed": len(times["ours"])}
+              "mixed_precision": s.trainer.accelerator.mixed_precision, "steps_timed": len(times["ours"]),
+              "ours_parallel_chunks": paths[1].trainer.chunks}
     for name, ts in times.items():
         med = statistics.median(ts)
         result |= {f"{name}_ms_median": 1000 * med, f"{name}_ms_min": 1000 * min(ts), f"{name}_ms_max": 1000 * max(ts),
                    f"{name}_samples_per_s": s.batch_size / med,
                    f"{name}_peak_mem_mb": peak[name] / 2 ** 20 if device.type == "cuda" else None}
-        if flops:
+        if name in flops:
             result[f"{name}_tflop_per_step"] = flops[name] / 1e12
             result[f"{name}_tflop_per_s"] = flops[name] / med / 1e12
             peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in result["device"]), None)
             if peak_flops:
                 result[f"{name}_frac_of_bf16_peak"] = flops[name] / med / peak_flops
     result["speedup"] = result["ours_samples_per_s"] / result["reference_samples_per_s"]
+    for p in paths[2:]:
+        result[f"speedup_{p.name}"] = result[f"{p.name}_samples_per_s"] / result["reference_samples_per_s"]
     del paths, s
     gc.collect()
     return result
@@ -224,11 +265,14 @@ def run_bench(cfg: DictConfig) -> dict:
 def report(result: dict) -> str:
     lines = [f"device {result['device']}, batch {result['batch_size']}, {result['resolution']} px, "
              f"mixed precision {result['mixed_precision']}, {result['steps_timed']} timed steps per path"]
-    for name in ("reference", "ours"):
+    names = ["reference", "ours"] + [k[len("speedup_"):] for k in result if k.startswith("speedup_")]
+    width = max(map(len, names))
+    for name in names:
         mem = result.get(f"{name}_peak_mem_mb")
-        lines.append(f"{name:>9}: {result[f'{name}_samples_per_s']:8.2f} samples/s  ms/step median "
+        lines.append(f"{name:>{width}}: {result[f'{name}_samples_per_s']:8.2f} samples/s  ms/step median "
                      f"{result[f'{name}_ms_median']:.1f} (min {result[f'{name}_ms_min']:.1f}, max "
                      f"{result[f'{name}_ms_max']:.1f})" + (f"  peak {mem:.0f} MB" if mem is not None else "")
                      + (f"  {result[f'{name}_tflop_per_s']:.1f} TFLOP/s" if f"{name}_tflop_per_s" in result else ""))
-    lines.append(f"speedup {result['speedup']:.2f}x")
+    lines.append(f"speedup {result['speedup']:.2f}x" + "".join(
+        f", {k[len('speedup_'):]} {v:.2f}x" for k, v in result.items() if k.startswith("speedup_")))
     return "\n".join(lines + [json.dumps(result)])

@@ -150,6 +150,8 @@ class TrainerConfig:
     attention: str = "sdpa"  # sdpa | xformers
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNets (minutes of warm-up on a CPU: opt-in)
+    # CPU: each batch as N chunks whose loss and backward run at once, one thread each; auto = 2 on a CPU
+    parallel_chunks: Any = "auto"
 
 
 @dataclass
@@ -194,6 +196,8 @@ class BenchConfig:
     steps_per_round: int = 3
     flops: bool = False  # count the model FLOPs of one step of each path (torch.utils.flop_counter)
     cached: bool = True  # ours reads precomputed latents/embeddings (data=cached); false: VAE + text encoder
+    # our step again with one switch off, interleaved with the rest: names of lcm_exp.bench.ABLATIONS, or each
+    ablate: List[str] = field(default_factory=list)
 
 
 @dataclass

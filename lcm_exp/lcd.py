@@ -6,7 +6,7 @@ Equation numbers refer to the LCM paper (arXiv:2310.04378); "CM" to Song et al.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -125,18 +125,26 @@ class LCD:
 
         return denoise
 
-    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, generator: torch.Generator | None = None):
-        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1)."""
+    def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> "Draw":
+        """The step's random draws for a batch of latents, in Algorithm 1's order."""
         bsz, device = latents.shape[0], latents.device
         # Sample n ~ U[1, N − 1]: the pair (t_{n+k}, t_n) on the skipping-step DDIM grid (§4.3).
         t, t_prev = (x.to(device) for x in self.skip.sample(bsz, generator))
-        # z_{t_{n+k}} ~ N(√ᾱ z, (1 − ᾱ) I) (eq. 1).
+        # ε ~ N(0, I) for z_{t_{n+k}} (eq. 1).
         noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu")
-        noise = noise.to(device, latents.dtype)
+        # ω ~ U[ω_min, ω_max] (§4.2).
+        w = self.guidance.sample(bsz, device, generator)
+        return Draw(t, t_prev, noise.to(device, latents.dtype), w)
+
+    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, generator: torch.Generator | None = None,
+             draw: "Draw | None" = None):
+        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1), with the draws given
+        or drawn from `generator`. The loss is a mean over the batch."""
+        t, t_prev, noise, w = draw or self.draw(latents, generator)
+        # z_{t_{n+k}} ~ N(√ᾱ z, (1 − ᾱ) I) (eq. 1).
         a = _bcast(self.alphas_cumprod[t], latents)
         z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-        # ω ~ U[ω_min, ω_max], embedded as the student's timestep condition (§4.2).
-        w = self.guidance.sample(bsz, device, generator)
+        # ω embedded as the student's timestep condition (§4.2).
         # (A student without a w input, LCM-LoRA, gets none: ω then acts only in the teacher's CFG.)
         w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype) if self.w_embedding_dim else None
         # The no-grad passes (teacher, target) run before the online forward when `teacher_first`: the same
@@ -160,3 +168,21 @@ class LCD:
             f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
         # L = d(f_θ, f_θ⁻) (eq. 8), l2 or pseudo-Huber.
         return self.distance(f_online.float(), f_target.float())
+
+
+class Draw(NamedTuple):
+    """The random draws of one LCD step, one row per sample: the timestep pair, the noise ε and the guidance ω."""
+
+    t: torch.Tensor
+    t_prev: torch.Tensor
+    noise: torch.Tensor
+    w: torch.Tensor
+
+    def split(self, sizes: list[int]) -> list["Draw"]:
+        return [Draw(*parts) for parts in zip(*(x.split(sizes) for x in self))]
+
+
+def split_cond(cond: dict, sizes: list[int]) -> list[dict]:
+    """A (nested) conditioning dict cut along the batch into chunks of `sizes` (views, no copies)."""
+    parts = {k: split_cond(v, sizes) if isinstance(v, dict) else v.split(sizes) for k, v in cond.items()}
+    return [{k: v[i] for k, v in parts.items()} for i in range(len(sizes))]

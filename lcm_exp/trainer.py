@@ -2,11 +2,13 @@
 logging, checkpoints and resume. `conf/trainer/` builds it."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from .ema import EMA
-from .lcd import LCD
+from .lcd import LCD, split_cond
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -42,6 +44,8 @@ class Trainer:
     attention: str = "sdpa"  # sdpa | xformers
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the student, teacher and target UNets (minutes of warm-up on a CPU)
+    # CPU: the batch cut into chunks whose LCD loss and backward run at once, one thread each (same gradients)
+    parallel_chunks: int | str = "auto"
 
     def __post_init__(self):
         set_seed(self.seed)  # model initialisations (LoRA, from-scratch CT) and any unseeded draw
@@ -94,6 +98,42 @@ class Trainer:
             lcd.teacher, lcd.target = torch.compile(lcd.teacher), torch.compile(lcd.target)
         self.lcd, self.ema, self._uncond = lcd, ema, None
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.chunks = self._resolve_chunks(lcd, student)
+        self._params = [p for p in self.unet.parameters() if p.requires_grad]
+        self._threads = torch.get_num_threads()
+        self._chunk_threads = max(1, self._threads // self.chunks)
+        self._pool = ThreadPoolExecutor(self.chunks, thread_name_prefix="lcd-chunk") if self.chunks > 1 else None
+        if self.chunks > 1:
+            log.info("parallel_chunks: each batch runs as %d concurrent chunks of %d thread(s)", self.chunks,
+                     self._chunk_threads)
+
+    def _resolve_chunks(self, lcd: LCD, student) -> int:
+        """How many concurrent chunks `parallel_chunks` gives here. The small ops of a small UNet keep a CPU's
+        cores busy far better as independent chunks, one OpenMP thread each, than as intra-op threads over the
+        whole batch (lcm-exp-bench measures it). The chunks share the weights; their losses and gradients add up
+        to the whole batch's, because every per-sample op of a UNet (GroupNorm, attention) is batch-independent
+        and the loss is a mean."""
+        acc, want = self.accelerator, self.parallel_chunks
+        if want != "auto" and (isinstance(want, bool) or not isinstance(want, int) or want < 1):
+            raise ValueError(f"trainer.parallel_chunks={want!r}: use auto or a whole number >= 1")
+        cannot = []  # where concurrent chunks would be wrong
+        if acc.num_processes > 1:
+            cannot.append(f"{acc.num_processes} processes run this job (DDP's gradient reducer expects one "
+                          "backward at a time)")
+        if acc.scaler is not None:
+            cannot.append("fp16 loss scaling is on")
+        if not isinstance(lcd.teacher, torch.nn.Module):
+            cannot.append("the teacher is the student with its adapters switched off (LCM-LoRA), one module that "
+                          "two chunks would switch under each other")
+        if any(getattr(m, "drop_prob", 0) > 0 for m in student.unet.modules()):
+            cannot.append("student.stochastic_depth drops blocks for the whole batch at once")
+        if want == "auto":  # where chunks pay: a CPU with spare cores, and no compiled graphs
+            fits = acc.device.type == "cpu" and not self.compile and torch.get_num_threads() >= 2
+            return 2 if fits and not cannot and self.batch_size >= 2 else 1
+        if want > 1 and cannot:
+            raise ValueError(f"trainer.parallel_chunks={want} cannot run here: {'; '.join(cannot)}. "
+                             "Use trainer.parallel_chunks=1 (or auto, which picks 1 here).")
+        return want
 
     def condition(self, teacher, batch: dict, generator: torch.Generator):
         """Step 1 of Alg. 1: z = E(x)·scale and the text conditions, or read them from a precomputed batch."""
@@ -118,8 +158,11 @@ class Trainer:
         acc = self.accelerator
         with acc.accumulate(self.unet), acc.autocast():
             latents, cond, uncond = self.condition(teacher, batch, generator)
-            loss = self.lcd.loss(latents, cond, uncond, generator)
-            acc.backward(loss)
+            if self.chunks > 1 and latents.shape[0] > 1:
+                loss = self._chunked_loss_and_backward(latents, cond, uncond, generator)
+            else:
+                loss = self.lcd.loss(latents, cond, uncond, generator)
+                acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(self.unet.parameters(), max_grad_norm) if acc.sync_gradients else None
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -127,6 +170,35 @@ class Trainer:
         if acc.sync_gradients:
             self.ema.update()  # θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (Alg. 1)
         return loss.detach(), grad_norm
+
+    def _chunked_loss_and_backward(self, latents, cond, uncond, generator):
+        """The batch's loss and gradients from `self.chunks` concurrent chunks. The random draws are made for the
+        whole batch first, so the chunks compute exactly the whole batch's terms; each chunk's gradients come
+        back separately and are summed in chunk order, so the result does not depend on which thread ends first."""
+        acc, lcd, n = self.accelerator, self.lcd, latents.shape[0]
+        k = min(self.chunks, n)
+        sizes = [n // k + (i < n % k) for i in range(k)]
+        draws = lcd.draw(latents, generator).split(sizes)
+
+        def work(part):
+            lat, c, u, d = part
+            torch.set_num_threads(self._chunk_threads)
+            with acc.autocast():
+                loss = lcd.loss(lat, c, u, draw=d) * (lat.shape[0] / n)  # its share of the batch mean
+            grads = torch.autograd.grad(loss / acc.gradient_accumulation_steps, self._params, allow_unused=True)
+            return loss.detach(), grads
+
+        try:
+            parts = zip(latents.split(sizes), split_cond(cond, sizes), split_cond(uncond, sizes), draws)
+            results = list(self._pool.map(work, parts))
+        finally:
+            torch.set_num_threads(self._threads)  # torch's global default, which new threads start from
+        for p, grads in zip(self._params, zip(*(g for _, g in results))):
+            grads = [g for g in grads if g is not None]
+            if grads:
+                total = functools.reduce(torch.add, grads)
+                p.grad = total if p.grad is None else p.grad.add_(total)
+        return functools.reduce(torch.add, [loss for loss, _ in results])
 
     # ------------------------------------------------------------------------------------------------------ loop
     def fit(self, lcd: LCD, teacher, student, ema: EMA, optimizer, lr_scheduler, data, tracker, max_grad_norm: float,

@@ -4,10 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lcm_exp.bench import Ours, Reference, Setup
+from lcm_exp.bench import ABLATIONS, Ours, Reference, Setup, ablations, variant
 from lcm_exp.cli import config_dir
 from lcm_exp.config import register
 
@@ -36,10 +37,30 @@ def test_reference_and_ours_compute_the_same_loss(tmp_path, monkeypatch):
     assert abs(loss_other_seed.item() - loss_ref.item()) > 1e-6  # the comparison is not vacuous
 
 
+def test_bench_defaults_to_the_tiny_test_teacher():
+    register()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("bench")
+    assert cfg.teacher._target_ == "lcm_exp.teachers.tiny_random.load" and cfg.teacher.name == "tiny_random"
+    assert cfg.data.resolution == 64 and cfg.trainer.batch_size == 8
+
+
+def test_ablations_resolve():
+    each = ablations(["each"])
+    assert set(each) == set(ABLATIONS) and each["parallel_chunks"] == ["trainer.parallel_chunks=1"]
+    assert set(each["all"]) >= {"trainer.batched_cfg=false", "bench.cached=false", "optim.fused=false"}
+    assert list(ablations(["cached", "each"]))[0] == "cached"
+    with pytest.raises(ValueError, match="unknown switch"):
+        ablations(["batched"])
+    cfg = variant(compose_bench(), ABLATIONS["all"])
+    assert cfg.trainer.parallel_chunks == 1 and cfg.trainer.batched_cfg is False and cfg.bench.cached is False
+
+
 def test_bench_command_prints_json_last(tmp_path):
     r = subprocess.run([sys.executable, "-c", "from lcm_exp.cli import bench; bench()", "data.resolution=32",
                         "trainer.batch_size=2", "bench.warmup=1", "bench.rounds=2", "bench.steps_per_round=1",
-                        "bench.flops=true", f"data.cache_dir={tmp_path}"], cwd=tmp_path, capture_output=True,
+                        "bench.flops=true", f"data.cache_dir={tmp_path}", "trainer.parallel_chunks=2",
+                        "bench.ablate=[parallel_chunks]"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -48,5 +69,10 @@ def test_bench_command_prints_json_last(tmp_path):
         assert key in result
     assert result["device"] == "cpu" and result["steps_timed"] == 2
     assert result["speedup"] == result["ours_samples_per_s"] / result["reference_samples_per_s"]
+    # the ablation ran interleaved with the others: ours with its chunks, the variant without
+    assert result["ours_parallel_chunks"] == 2 and result["without_parallel_chunks_samples_per_s"] > 0
+    assert result["speedup_without_parallel_chunks"] == (result["without_parallel_chunks_samples_per_s"]
+                                                         / result["reference_samples_per_s"])
+    assert "without_parallel_chunks" in r.stdout.strip().splitlines()[-3]
     # ours runs one batched teacher pass and skips the encoders: fewer FLOPs per step than the reference
     assert 0 < result["ours_tflop_per_step"] < result["reference_tflop_per_step"]
