@@ -1,12 +1,14 @@
 """`lcm-exp-bench`: training-step throughput and peak memory of our LCD step against the reference step
 structure (diffusers' `train_lcm_distill_sd_wds.py`), same teacher, batch, resolution and device.
 
-The reference, as the script runs it: the VAE and the text encoder every step, two separate teacher forward
-passes, teacher and target in fp32 (autocast does the casting), torch's default AdamW, a per-parameter EMA
-loop. Ours: `Trainer.step` with its speed switches: latents and text embeddings precomputed (data=cached),
-one batched teacher pass, teacher and target held in the mixed-precision dtype, a fused/foreach AdamW, a
-foreach EMA. Both draw the same random numbers in the same order from the same generator, so from equal
-weights they compute the same loss (tests/test_bench.py checks it). Timed steps are interleaved after warm-up.
+The reference, as the script runs it: the VAE, the tokenizer and the text encoder every step, two separate
+teacher forward passes, teacher and target in fp32 (autocast does the casting), torch's default AdamW, a
+per-parameter EMA loop, diffusers' default SDPA attention. Ours: `Trainer.step` with its speed switches:
+latents and text embeddings precomputed (data=cached), one batched teacher pass, teacher and target held in
+the mixed-precision dtype, a fused/foreach AdamW, a foreach EMA, and on a CPU concurrent chunks and the
+small-head attention kernel (`trainer.attention=auto`). Both draw the same random numbers in the same order
+from the same generator, so from equal weights they compute the same loss (tests/test_bench.py checks it).
+Timed steps are interleaved after warm-up.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .attention import set_attention
 from .guidance import guidance_embedding
 from .lcd import LCD, boundary_scalings, x0_and_eps
 from .optim import lr_schedule
@@ -58,10 +61,12 @@ class Reference:
     def step(self, generator):
         s, acc = self.s, self.s.acc
         unet, teacher_unet, ac = s.student.unet, s.teacher.unet, s.alphas_cumprod
+        for m in (unet, teacher_unet, self.target):  # diffusers' default (the UNets are shared with ours)
+            set_attention(m, "sdpa")
         with acc.autocast():
             latents = s.teacher.vae.encode(s.pixels.to(s.teacher.vae.dtype)).latent_dist.sample(generator=generator)
             latents = latents * s.teacher.vae.config.scaling_factor
-            prompt_embeds = s.teacher.text_encoder(s.input_ids)[0]
+            prompt_embeds = s.teacher.text_encoder(s.tokenize(s.captions))[0]  # the script's encode_prompt
             bsz = latents.shape[0]
             index = torch.randint(0, s.skip.num_steps, (bsz,), generator=generator)
             start_timesteps = s.skip.timesteps[index].to(latents.device)
@@ -138,6 +143,8 @@ class Ours:
         return own + ([] if self.teacher.unet is self.s.teacher.unet else list(self.teacher.unet.parameters()))
 
     def step(self, generator):
+        for m in (self.s.student.unet, self.teacher.unet, self.ema.target):  # shared with the other paths
+            set_attention(m, self.trainer.attention)
         loss, _ = self.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm)
         return loss
 
@@ -164,9 +171,12 @@ class Setup:
         self.prediction_type = self.teacher.prediction_type
         batch = next(iter(instantiate(cfg.data)(batch_size=self.batch_size)))
         self.pixels, self.captions = batch["pixels"].to(device), batch["captions"]
+        self.input_ids = self.tokenize(self.captions)
+
+    def tokenize(self, captions):
         tok = self.teacher.tokenizer
-        self.input_ids = tok(self.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.acc.device)
 
 
 # `bench.ablate`: our step with one speed switch off, timed interleaved with the others (the overrides that undo it)
@@ -176,6 +186,7 @@ ABLATIONS = {
     "teacher_first": ["trainer.teacher_first=false"],
     "cached": ["bench.cached=false"],
     "fused_adamw": ["optim.fused=false"],
+    "attention": ["trainer.attention=sdpa"],
     "cast_frozen": ["teacher.cast_to_mixed_precision=false", "ema.cast_to_mixed_precision=false"],
 }
 ABLATIONS["all"] = [o for name in list(ABLATIONS) for o in ABLATIONS[name]]

@@ -147,7 +147,7 @@ class TrainerConfig:
     batched_cfg: bool = True  # the teacher's cond and uncond passes as one batched forward
     teacher_first: bool = True  # the no-grad teacher/target passes before the student's forward (same loss)
     channels_last: bool = False
-    attention: str = "sdpa"  # sdpa | xformers
+    attention: str = "auto"  # auto (SDPA; small heads on a CPU: our kernel) | sdpa | xformers
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNets (minutes of warm-up on a CPU: opt-in)
     # CPU: each batch as N chunks whose loss and backward run at once, one thread each; auto = 2 on a CPU
@@ -259,8 +259,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.batch_size >= 1, "trainer.batch_size", cfg.trainer.batch_size, ">= 1"),
         (cfg.trainer.gradient_accumulation_steps >= 1, "trainer.gradient_accumulation_steps",
          cfg.trainer.gradient_accumulation_steps, ">= 1"),
-        (cfg.trainer.attention in ("sdpa", "xformers"), "trainer.attention", cfg.trainer.attention,
-         "sdpa or xformers"),
+        (cfg.trainer.attention in ("auto", "sdpa", "xformers"), "trainer.attention", cfg.trainer.attention,
+         "auto, sdpa or xformers"),
         (cfg.trainer.mixed_precision in ("no", "fp16", "bf16"), "trainer.mixed_precision",
          cfg.trainer.mixed_precision, "one of no, fp16, bf16"),
         (cfg.trainer.resume in (None, "latest") or "/" in str(cfg.trainer.resume) or "checkpoint-" in str(cfg.trainer.resume),

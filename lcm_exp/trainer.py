@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from .attention import set_attention
 from .ema import EMA
 from .lcd import LCD, split_cond
 
@@ -41,7 +42,7 @@ class Trainer:
     batched_cfg: bool = True  # the teacher's cond and uncond passes in one batched forward
     teacher_first: bool = True  # the no-grad teacher/target passes before the student's forward (same loss)
     channels_last: bool = False
-    attention: str = "sdpa"  # sdpa | xformers
+    attention: str = "auto"  # auto | sdpa | xformers (lcm_exp/attention.py)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the student, teacher and target UNets (minutes of warm-up on a CPU)
     # CPU: the batch cut into chunks whose LCD loss and backward run at once, one thread each (same gradients)
@@ -88,7 +89,8 @@ class Trainer:
         """Hands the trained parts to accelerate and applies the speed switches to the networks."""
         acc = self.accelerator
         for unet in (student.unet, lcd.teacher, ema.target):
-            apply_speed_switches(unet, self.channels_last, self.attention)
+            if isinstance(unet, torch.nn.Module):  # (LCM-LoRA's teacher is the student with adapters off)
+                apply_speed_switches(unet, self.channels_last, self.attention)
         if self.gradient_checkpointing:
             student.unet.enable_gradient_checkpointing()
         self.unet, self.optimizer, self.lr_scheduler = acc.prepare(student.unet, optimizer, lr_scheduler)
@@ -255,7 +257,4 @@ class Trainer:
 def apply_speed_switches(unet, channels_last: bool, attention: str) -> None:
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    if attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    elif attention != "sdpa":
-        raise ValueError(f"trainer.attention={attention!r}: use sdpa or xformers")
+    set_attention(unet, attention)

@@ -1,0 +1,145 @@
+"""`trainer.attention`: which attention kernel the UNets' attention layers run.
+
+- `sdpa`: torch's `scaled_dot_product_attention` everywhere (diffusers' default `AttnProcessor2_0`).
+- `auto` (default): the same, except where torch's CPU kernels are slow: on a CPU, heads of at most
+  `SMALL_HEAD_DIM` channels (the tiny teachers have 4-12) run `small_head_attention` below.
+- `xformers`: xformers' memory-efficient kernel (CUDA only).
+
+Why a kernel of our own: with 4-channel heads, attention costs almost nothing in FLOPs but everything in
+passes over the L x L score matrix, and torch's fused CPU kernel (flash attention for CPU) computes it with
+many tiny GEMMs of inner size D, and recomputes the softmax in its backward. `small_head_attention` keeps
+the softmax P (a few MB at these sizes) and lays every product out so that the L x L matrix is the GEMM's
+wide operand (X^T = B^T A^T: a product with D output columns is slow, one with D output rows is fast).
+lcm-exp-bench measures it (`bench.ablate=[attention]`); tests/test_attention.py checks it against SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+SMALL_HEAD_DIM = 12  # at or below this head size the kernel below beats torch's on a CPU (lcm-exp-bench)
+MAX_SCORE_BYTES = 256 * 2 ** 20  # it holds P (B·H·L·S floats) from forward to backward: keep that bounded
+MODES = ("auto", "sdpa", "xformers")
+
+
+TILE_BYTES = 4 * 2 ** 20  # score rows of this many bytes are computed and used while they sit in cache
+
+
+def _tiles(n: int, l: int, s: int, element_size: int):
+    step = max(1, TILE_BYTES // (l * s * element_size))
+    return [(i, min(i + step, n)) for i in range(0, n, step)], step
+
+
+def _forward(q, k, v, keep_p: bool):
+    """Oᵀ = Vᵀ softmax(Q Kᵀ)ᵀ, a few heads at a time (q comes scaled). Returns O and, if kept, P."""
+    n, l, d = q.shape
+    s = k.shape[1]
+    tiles, step = _tiles(n, l, s, q.element_size())
+    p_all = q.new_empty(n, l, s) if keep_p else None
+    buf = None if keep_p else q.new_empty(min(step, n), l, s)
+    ot = q.new_empty(n, d, l)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    for i, j in tiles:
+        p = p_all[i:j] if keep_p else buf[: j - i]
+        torch.bmm(q[i:j], kt[i:j], out=p)  # S = (scale·Q) Kᵀ
+        torch.softmax(p, dim=-1, out=p)  # P = softmax(S), row-wise
+        torch.bmm(vt[i:j], p.transpose(1, 2), out=ot[i:j])  # Oᵀ = Vᵀ Pᵀ
+    return ot.transpose(1, 2), p_all
+
+
+class _SmallHeadAttention(torch.autograd.Function):
+    """softmax(Q Kᵀ) V over [N, L, D] queries (scaled) and [N, S, D] keys/values (N = batch · heads).
+
+    Backward (FlashAttention-2, Dao 2023, Alg. 2, with P kept instead of recomputed): dV = Pᵀ dO, dP = dO Vᵀ,
+    dS = P ∘ (dP − rowsum(dO ∘ O)), dQ = dS K, dK = dSᵀ Q; each product with D columns computed as its
+    transpose, a few heads at a time."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, p = _forward(q, k, v, keep_p=True)
+        ctx.save_for_backward(q, k, v, p, o)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p_all, o = ctx.saved_tensors
+        n, l, d = q.shape
+        s = k.shape[1]
+        tiles, step = _tiles(n, l, s, q.element_size())
+        do = do.contiguous()
+        delta = (do * o).sum(-1, keepdim=True)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+        dqt, dkt, dvt = q.new_empty(n, d, l), q.new_empty(n, d, s), q.new_empty(n, d, s)
+        buf = q.new_empty(min(step, n), l, s)
+        qt, kt, vt, dot = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), do.transpose(1, 2)
+        for i, j in tiles:
+            p, ds = p_all[i:j], buf[: j - i]
+            torch.bmm(dot[i:j], p, out=dvt[i:j])  # dVᵀ = dOᵀ P
+            torch.bmm(do[i:j], vt[i:j], out=ds)  # dP = dO Vᵀ
+            ds.sub_(delta[i:j]).mul_(p)  # dS = P ∘ (dP − rowsum(dO ∘ O))
+            torch.bmm(kt[i:j], ds.transpose(1, 2), out=dqt[i:j])  # dQᵀ = Kᵀ dSᵀ
+            torch.bmm(qt[i:j], ds, out=dkt[i:j])  # dKᵀ = Qᵀ dS
+        return dqt.transpose(1, 2), dkt.transpose(1, 2), dvt.transpose(1, 2)
+
+
+def small_head_attention(query, key, value, scale: float | None = None):
+    """`F.scaled_dot_product_attention(query, key, value)` (no mask, no dropout) for [B, H, L, D] inputs."""
+    b, h, l, d = query.shape
+    s = key.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    q, k, v = (query * scale).reshape(b * h, l, d), key.reshape(b * h, s, d), value.reshape(b * h, s, d)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        o = _SmallHeadAttention.apply(q, k, v)
+    else:
+        o, _ = _forward(q, k, v, keep_p=False)
+    return o.reshape(b, h, l, d)
+
+
+def use_small_head(query, key, attn_mask=None) -> bool:
+    b, h, l, d = query.shape
+    keep = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    return (query.device.type == "cpu" and attn_mask is None and d <= SMALL_HEAD_DIM
+            and (not keep or b * h * l * key.shape[2] * query.element_size() <= MAX_SCORE_BYTES))
+
+
+class AutoAttnProcessor(AttnProcessor2_0):
+    """diffusers' `AttnProcessor2_0` (the same projections, norms and residual) whose attention itself runs
+    `small_head_attention` where `use_small_head` says it is faster, and torch's SDPA elsewhere."""
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        plain = (attention_mask is None and attn.spatial_norm is None and attn.group_norm is None
+                 and attn.norm_q is None and attn.norm_k is None and hidden_states.ndim == 3)
+        if not plain:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        b, heads = hidden_states.shape[0], attn.heads
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        d = key.shape[-1] // heads
+        query, key, value = (x.view(b, -1, heads, d).transpose(1, 2) for x in (query, key, value))
+        if use_small_head(query, key):
+            out = small_head_attention(query, key, value)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, -1, heads * d).to(query.dtype)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def set_attention(unet, mode: str) -> None:
+    """Puts `mode`'s processor on every attention layer of `unet` (no-op when they already have it)."""
+    if mode not in MODES:
+        raise ValueError(f"trainer.attention={mode!r}: use one of {', '.join(MODES)}")
+    if mode == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+        return
+    on_cpu = next(unet.parameters()).device.type == "cpu"
+    cls = AutoAttnProcessor if mode == "auto" and on_cpu else AttnProcessor2_0  # (elsewhere auto is SDPA)
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    if any(type(m.processor) is not cls for m in layers):
+        processor = cls()
+        for m in layers:
+            m.set_processor(processor)

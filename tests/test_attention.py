@@ -1,0 +1,83 @@
+"""trainer.attention: the small-head CPU kernel computes torch's SDPA (values and gradients), `auto` uses it only
+where it is meant to, and a whole UNet gives the same outputs and gradients with `auto` as with `sdpa`."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from lcm_exp import attention
+from lcm_exp.attention import AutoAttnProcessor, set_attention, small_head_attention, use_small_head
+from lcm_exp.teachers.tiny_random import build_components
+
+
+@pytest.mark.parametrize("shape_q,shape_kv", [((2, 3, 37, 4), (2, 3, 37, 4)),  # self-attention, odd length
+                                              ((2, 8, 64, 6), (2, 8, 19, 6)),  # cross-attention
+                                              ((1, 2, 300, 4), (1, 2, 300, 4))])
+def test_small_head_attention_is_sdpa_with_its_gradients(shape_q, shape_kv, monkeypatch):
+    monkeypatch.setattr(attention, "TILE_BYTES", 20_000)  # several tiles of heads, and a last partial one
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in (shape_q, shape_kv, shape_kv))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    got = small_head_attention(q, k, v)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    grad_out = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the no-grad path keeps no P and reuses one tile buffer
+        torch.testing.assert_close(small_head_attention(q, k, v), expected, rtol=1e-10, atol=1e-12)
+    # a wrong kernel would not pass: a different scale changes the result
+    assert (small_head_attention(q, k, v, scale=1.0) - expected).abs().max() > 1e-3
+
+
+def test_auto_picks_the_kernel_only_for_small_heads_on_a_cpu():
+    small, wide = torch.zeros(2, 8, 16, 4), torch.zeros(2, 8, 16, 64)
+    assert use_small_head(small, small)
+    assert not use_small_head(wide, wide)  # torch's fused kernel is faster there
+    assert not use_small_head(small, small, attn_mask=torch.ones(2, 1, 16, 16, dtype=torch.bool))
+    big = torch.zeros(64, 8, 4096, 4, requires_grad=True)  # P kept for backward would be 32 GB
+    assert not use_small_head(big, big)
+    with torch.no_grad():
+        assert use_small_head(big, big)  # without backward only a tile of P exists at a time
+
+
+def _unet():
+    unet = build_components({})["unet"]
+    torch.manual_seed(1)
+    with torch.no_grad():  # random weights everywhere (a fresh UNet zero-initialises its output convs)
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return unet
+
+
+def test_auto_unet_matches_sdpa_unet_in_outputs_and_gradients():
+    ref = _unet()
+    ours = copy.deepcopy(ref)
+    set_attention(ref, "sdpa")
+    set_attention(ours, "auto")
+    layers = [m for m in ours.modules() if isinstance(m, Attention)]
+    assert layers and all(type(m.processor) is AutoAttnProcessor for m in layers)
+    assert all(type(m.processor) is AttnProcessor2_0 for m in ref.modules() if isinstance(m, Attention))
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 32, 32, generator=g)
+    t = torch.tensor([10, 500, 990])
+    out_ref, out = ref(x, t, encoder_hidden_states=c).sample, ours(x, t, encoder_hidden_states=c).sample
+    assert out_ref.abs().mean() > 1e-2
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        scale = b.grad.abs().max().clamp(min=1e-8)
+        assert ((a.grad - b.grad).abs().max() / scale) < 1e-3, name
+
+
+def test_set_attention_validates_and_is_idempotent():
+    unet = build_components({})["unet"]
+    set_attention(unet, "auto")
+    first = next(m.processor for m in unet.modules() if isinstance(m, Attention))
+    set_attention(unet, "auto")
+    assert next(m.processor for m in unet.modules() if isinstance(m, Attention)) is first
+    with pytest.raises(ValueError, match="auto, sdpa, xformers"):
+        set_attention(unet, "flash")
