@@ -13,11 +13,13 @@ Timed steps are interleaved after warm-up.
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import json
 import logging
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -36,6 +38,27 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _unique_bytes(tensors) -> int:
+    return _bytes({t.data_ptr(): t for t in tensors}.values())
+
+
+def _cpu_rest() -> int | None:
+    """Linux, CPU: hands freed heap back to the OS and resets the peak-RSS mark; returns the resting RSS."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        return _proc_status("VmRSS")
+    except (OSError, AttributeError):
+        return None
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,11 +75,15 @@ class Reference:
         self.optimizer = torch.optim.AdamW(s.student.unet.parameters(), lr=s.lr)  # torch defaults
         self.uncond = s.teacher.encode_prompts([""] * s.batch_size)["encoder_hidden_states"]  # once, as the script
 
+    def own(self) -> list:
+        """The tensors this path keeps beyond the shared networks: target and optimiser state."""
+        return [*self.target.parameters(), *(t for st in self.optimizer.state.values() for t in st.values()
+                                             if torch.is_tensor(t))]
+
     def exclusive(self, other) -> list:
         """Tensors only this path holds (subtracted from the other path's peak memory)."""
-        own = [*self.target.parameters(), *(t for st in self.optimizer.state.values() for t in st.values()
-                                            if torch.is_tensor(t))]
-        return own + ([] if other.teacher.unet is self.s.teacher.unet else list(self.s.teacher.unet.parameters()))
+        shared_teacher = other.teacher.unet is self.s.teacher.unet
+        return self.own() + ([] if shared_teacher else list(self.s.teacher.unet.parameters()))
 
     def step(self, generator):
         s, acc = self.s, self.s.acc
@@ -137,10 +164,14 @@ class Ours:
                 self.batch = {"latent_mean": posterior.mean, "latent_std": posterior.std, "captions": s.captions,
                               "encoder_hidden_states": s.teacher.text_encoder(s.input_ids)[0]}
 
-    def exclusive(self, other) -> list:
+    def own(self) -> list:
+        """The tensors this path keeps beyond the shared networks: EMA target, optimiser state, a cast teacher."""
         own = self.ema.owned_tensors()
         own += [t for st in self.trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
         return own + ([] if self.teacher.unet is self.s.teacher.unet else list(self.teacher.unet.parameters()))
+
+    def exclusive(self, other) -> list:
+        return self.own()
 
     def step(self, generator):
         for m in (self.s.student.unet, self.teacher.unet, self.ema.target):  # shared with the other paths
@@ -172,6 +203,11 @@ class Setup:
         batch = next(iter(instantiate(cfg.data)(batch_size=self.batch_size)))
         self.pixels, self.captions = batch["pixels"].to(device), batch["captions"]
         self.input_ids = self.tokenize(self.captions)
+
+    def shared_tensors(self) -> list:
+        """What every path keeps resident: the student and the teacher's networks."""
+        t = self.teacher
+        return [p for m in (self.student.unet, t.unet, t.vae, t.text_encoder) for p in m.parameters()]
 
     def tokenize(self, captions):
         tok = self.teacher.tokenizer
@@ -247,8 +283,17 @@ def run_bench(cfg: DictConfig) -> dict:
                 _sync(device)
                 times[p.name].append(time.perf_counter() - t0)
             if device.type == "cuda":
-                others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)
+                others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)  # held only for the other paths
                 peak[p.name] = max(peak[p.name], torch.cuda.max_memory_allocated(device) - others)
+    if device.type == "cpu":  # untimed (it trims the heap): the resident tensors + how far the steps raise the RSS
+        for p in paths:
+            rest = _cpu_rest()
+            if rest is None:
+                break
+            p.step(gen)
+            others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)
+            resident = _unique_bytes(s.shared_tensors() + [t for q in paths for t in q.own()])
+            peak[p.name] = resident - others + _proc_status("VmHWM") - rest
     flops = {p.name: count_flops(p, 1) for p in paths[:2]} if b.flops else {}
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "batch_size": s.batch_size, "resolution": cfg.data.resolution,
@@ -258,7 +303,7 @@ def run_bench(cfg: DictConfig) -> dict:
         med = statistics.median(ts)
         result |= {f"{name}_ms_median": 1000 * med, f"{name}_ms_min": 1000 * min(ts), f"{name}_ms_max": 1000 * max(ts),
                    f"{name}_samples_per_s": s.batch_size / med,
-                   f"{name}_peak_mem_mb": peak[name] / 2 ** 20 if device.type == "cuda" else None}
+                   f"{name}_peak_mem_mb": peak[name] / 2 ** 20 if peak[name] else None}
         if name in flops:
             result[f"{name}_tflop_per_step"] = flops[name] / 1e12
             result[f"{name}_tflop_per_s"] = flops[name] / med / 1e12

@@ -76,3 +76,18 @@ def test_bench_command_prints_json_last(tmp_path):
     assert "without_parallel_chunks" in r.stdout.strip().splitlines()[-3]
     # ours runs one batched teacher pass and skips the encoders: fewer FLOPs per step than the reference
     assert 0 < result["ours_tflop_per_step"] < result["reference_tflop_per_step"]
+    if sys.platform == "linux":  # CPU peak memory: at least the networks both paths keep resident (~8 MB here)
+        assert result["reference_peak_mem_mb"] > 5 and result["ours_peak_mem_mb"] > 5
+        assert "peak" in r.stdout.strip().splitlines()[-5]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self")
+def test_cpu_peak_memory_sees_a_step_s_transient_tensors():
+    from lcm_exp.bench import _cpu_rest, _proc_status
+
+    rest = _cpu_rest()
+    x = torch.ones(16, 2 ** 20)  # 64 MB, touched
+    del x
+    assert _proc_status("VmHWM") - rest >= 60 * 2 ** 20
+    rest = _cpu_rest()  # the mark resets: a step that allocates nothing raises it by (almost) nothing
+    assert _proc_status("VmHWM") - rest < 16 * 2 ** 20
