@@ -265,7 +265,11 @@ def run_bench(cfg: DictConfig) -> dict:
     s = Setup(cfg)
     device = s.acc.device
     paths = [Reference(s), Ours(s)]
-    paths += [Ours(s, variant(cfg, ov), name=f"without_{n}") for n, ov in ablations(b.ablate).items()]
+    for n, ov in ablations(b.ablate).items():
+        if variant(cfg, ov) == cfg:  # the switch is already off in this configuration
+            log.info("bench.ablate: %s is off here (%s): nothing to time", n, " ".join(ov))
+            continue
+        paths.append(Ours(s, variant(cfg, ov), name=f"without_{n}"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(b.warmup):
         for p in paths:

@@ -151,7 +151,8 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNets (minutes of warm-up on a CPU: opt-in)
     # CPU: each batch as N chunks whose loss and backward run at once, one thread each; auto = 2 on a CPU
-    parallel_chunks: Any = "auto"
+    # (off by default: with attention=auto they no longer pay on two cores; lcm-exp-bench measures it)
+    parallel_chunks: Any = 1
 
 
 @dataclass

@@ -46,7 +46,7 @@ class Trainer:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the student, teacher and target UNets (minutes of warm-up on a CPU)
     # CPU: the batch cut into chunks whose LCD loss and backward run at once, one thread each (same gradients)
-    parallel_chunks: int | str = "auto"
+    parallel_chunks: int | str = 1
 
     def __post_init__(self):
         set_seed(self.seed)  # model initialisations (LoRA, from-scratch CT) and any unseeded draw
@@ -110,11 +110,13 @@ class Trainer:
                      self._chunk_threads)
 
     def _resolve_chunks(self, lcd: LCD, student) -> int:
-        """How many concurrent chunks `parallel_chunks` gives here. The small ops of a small UNet keep a CPU's
-        cores busy far better as independent chunks, one OpenMP thread each, than as intra-op threads over the
-        whole batch (lcm-exp-bench measures it). The chunks share the weights; their losses and gradients add up
-        to the whole batch's, because every per-sample op of a UNet (GroupNorm, attention) is batch-independent
-        and the loss is a mean."""
+        """How many concurrent chunks `parallel_chunks` gives here. Independent chunks, one OpenMP thread each,
+        kept two cores busier than intra-op threads while torch's CPU attention kernel dominated the tiny
+        teachers' step (1.16x -> 1.38x of the reference); with `attention=auto` the intra-op threads scale as
+        well and the chunks' GIL hand-offs cost as much as they save, so the default is 1 (lcm-exp-bench
+        measures both: `trainer.parallel_chunks=2 bench.ablate=[parallel_chunks]`). The chunks share the
+        weights; their losses and gradients add up to the whole batch's, because every per-sample op of a UNet
+        (GroupNorm, attention) is batch-independent and the loss is a mean."""
         acc, want = self.accelerator, self.parallel_chunks
         if want != "auto" and (isinstance(want, bool) or not isinstance(want, int) or want < 1):
             raise ValueError(f"trainer.parallel_chunks={want!r}: use auto or a whole number >= 1")

@@ -59,8 +59,8 @@ def test_ablations_resolve():
 def test_bench_command_prints_json_last(tmp_path):
     r = subprocess.run([sys.executable, "-c", "from lcm_exp.cli import bench; bench()", "data.resolution=32",
                         "trainer.batch_size=2", "bench.warmup=1", "bench.rounds=2", "bench.steps_per_round=1",
-                        "bench.flops=true", f"data.cache_dir={tmp_path}", "trainer.parallel_chunks=2",
-                        "bench.ablate=[parallel_chunks]"], cwd=tmp_path, capture_output=True,
+                        "bench.flops=true", f"data.cache_dir={tmp_path}",
+                        "bench.ablate=[parallel_chunks,attention]"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -69,11 +69,14 @@ def test_bench_command_prints_json_last(tmp_path):
         assert key in result
     assert result["device"] == "cpu" and result["steps_timed"] == 2
     assert result["speedup"] == result["ours_samples_per_s"] / result["reference_samples_per_s"]
-    # the ablation ran interleaved with the others: ours with its chunks, the variant without
-    assert result["ours_parallel_chunks"] == 2 and result["without_parallel_chunks_samples_per_s"] > 0
-    assert result["speedup_without_parallel_chunks"] == (result["without_parallel_chunks_samples_per_s"]
-                                                         / result["reference_samples_per_s"])
-    assert "without_parallel_chunks" in r.stdout.strip().splitlines()[-3]
+    # the ablation ran interleaved with the others: ours with its attention kernel, the variant with SDPA;
+    # chunks are off by default, so there was no variant without them to time
+    assert result["without_attention_samples_per_s"] > 0
+    assert result["speedup_without_attention"] == (result["without_attention_samples_per_s"]
+                                                   / result["reference_samples_per_s"])
+    assert "without_attention" in r.stdout.strip().splitlines()[-3]
+    assert result["ours_parallel_chunks"] == 1 and "without_parallel_chunks_samples_per_s" not in result
+    assert "parallel_chunks is off here" in r.stderr + r.stdout
     # ours runs one batched teacher pass and skips the encoders: fewer FLOPs per step than the reference
     assert 0 < result["ours_tflop_per_step"] < result["reference_tflop_per_step"]
     if sys.platform == "linux":  # CPU peak memory: at least the networks both paths keep resident (~8 MB here)

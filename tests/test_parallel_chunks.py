@@ -94,12 +94,14 @@ def test_chunks_run_concurrently_on_worker_threads(tmp_path, monkeypatch, two_th
 def test_auto_picks_two_chunks_on_a_multicore_cpu_and_one_otherwise(tmp_path, monkeypatch, two_threads):
     monkeypatch.chdir(tmp_path)
     s = Setup(compose_bench(tmp_path, "trainer.batch_size=2"))
-    assert s.cfg.trainer.parallel_chunks == "auto" and Ours(s).trainer.chunks == 2
+    assert s.cfg.trainer.parallel_chunks == 1 and Ours(s).trainer.chunks == 1  # off by default
+    s = Setup(compose_bench(tmp_path, "trainer.batch_size=2", "trainer.parallel_chunks=auto"))
+    assert Ours(s).trainer.chunks == 2
     torch.set_num_threads(1)
-    s = Setup(compose_bench(tmp_path, "trainer.batch_size=2"))
+    s = Setup(compose_bench(tmp_path, "trainer.batch_size=2", "trainer.parallel_chunks=auto"))
     assert Ours(s).trainer.chunks == 1
     torch.set_num_threads(2)
-    s = Setup(compose_bench(tmp_path, "trainer.batch_size=2", "trainer.compile=true"))
+    s = Setup(compose_bench(tmp_path, "trainer.batch_size=2", "trainer.compile=true", "trainer.parallel_chunks=auto"))
     assert s.trainer._resolve_chunks(_Lcd(torch.nn.Linear(1, 1)), s.student) == 1
 
 
@@ -114,6 +116,7 @@ def test_chunks_refuse_shared_or_batch_wide_state(tmp_path, monkeypatch, overrid
     monkeypatch.chdir(tmp_path)
     s = Setup(compose_bench(tmp_path, "trainer.batch_size=2", override))
     teacher = s.student.teacher_unet if override == "student=lora" else s.teacher.unet
+    s.trainer.parallel_chunks = "auto"
     assert s.trainer._resolve_chunks(_Lcd(teacher), s.student) == 1  # auto: quietly one chunk
     s.trainer.parallel_chunks = 2
     with pytest.raises(ValueError, match=message) as e:
