@@ -99,6 +99,7 @@ def use_small_head(query, key, attn_mask=None) -> bool:
     b, h, l, d = query.shape
     keep = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     return (query.device.type == "cpu" and attn_mask is None and d <= SMALL_HEAD_DIM
+            and not torch.compiler.is_compiling()  # a compiled graph gets SDPA, which inductor knows
             and (not keep or b * h * l * key.shape[2] * query.element_size() <= MAX_SCORE_BYTES))
 
 

@@ -43,6 +43,12 @@ def test_auto_picks_the_kernel_only_for_small_heads_on_a_cpu():
         assert use_small_head(big, big)  # without backward only a tile of P exists at a time
 
 
+def test_compiled_graphs_get_sdpa(monkeypatch):
+    small = torch.zeros(2, 8, 16, 4)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not use_small_head(small, small)
+
+
 def _unet():
     unet = build_components({})["unet"]
     torch.manual_seed(1)
