@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.autograd.function import once_differentiable
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
 SMALL_HEAD_DIM = 12  # at or below this head size the kernel below beats torch's on a CPU (lcm-exp-bench)
 MAX_SCORE_BYTES = 256 * 2 ** 20  # it holds P (B·H·L·S floats) from forward to backward: keep that bounded
@@ -62,6 +63,7 @@ class _SmallHeadAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # (the products below write into buffers: no double backward)
     def backward(ctx, do):
         q, k, v, p_all, o = ctx.saved_tensors
         n, l, d = q.shape
@@ -95,10 +97,13 @@ def small_head_attention(query, key, value, scale: float | None = None):
     return o.reshape(b, h, l, d)
 
 
-def use_small_head(query, key, attn_mask=None) -> bool:
+def use_small_head(query, key, value=None, attn_mask=None) -> bool:
+    """Where the kernel beats torch's: a CPU, float32/64 (it keeps S and P in the input dtype; torch's fused
+    kernel accumulates bf16/fp16 in fp32), no mask, small heads, P of bounded size when it is kept."""
     b, h, l, d = query.shape
-    keep = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    return (query.device.type == "cpu" and attn_mask is None and d <= SMALL_HEAD_DIM
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value))
+    return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64) and attn_mask is None
+            and d <= SMALL_HEAD_DIM
             and not torch.compiler.is_compiling()  # a compiled graph gets SDPA, which inductor knows
             and (not keep or b * h * l * key.shape[2] * query.element_size() <= MAX_SCORE_BYTES))
 
@@ -120,7 +125,7 @@ class AutoAttnProcessor(AttnProcessor2_0):
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         d = key.shape[-1] // heads
         query, key, value = (x.view(b, -1, heads, d).transpose(1, 2) for x in (query, key, value))
-        if use_small_head(query, key):
+        if use_small_head(query, key, value):
             out = small_head_attention(query, key, value)
         else:
             out = F.scaled_dot_product_attention(query, key, value)
@@ -130,17 +135,24 @@ class AutoAttnProcessor(AttnProcessor2_0):
         return out / attn.rescale_output_factor
 
 
+PLAIN = (AttnProcessor2_0, AutoAttnProcessor, XFormersAttnProcessor)  # the processors `set_attention` swaps
+
+
 def set_attention(unet, mode: str) -> None:
-    """Puts `mode`'s processor on every attention layer of `unet` (no-op when they already have it)."""
+    """Puts `mode`'s processor on the attention layers of `unet` that run plain scaled dot-product attention
+    (a layer diffusers gave another processor, e.g. `scale_qk=False` or added K/V, keeps it); a no-op when
+    they already have it."""
     if mode not in MODES:
         raise ValueError(f"trainer.attention={mode!r}: use one of {', '.join(MODES)}")
+    on_cpu = next(unet.parameters()).device.type == "cpu"
+    cls = {"xformers": XFormersAttnProcessor, "auto": AutoAttnProcessor if on_cpu else AttnProcessor2_0,
+           "sdpa": AttnProcessor2_0}[mode]  # (off a CPU, auto is SDPA)
+    layers = [m for m in unet.modules() if isinstance(m, Attention) and type(m.processor) in PLAIN]
+    if all(type(m.processor) is cls for m in layers):
+        return
     if mode == "xformers":
         unet.enable_xformers_memory_efficient_attention()
         return
-    on_cpu = next(unet.parameters()).device.type == "cpu"
-    cls = AutoAttnProcessor if mode == "auto" and on_cpu else AttnProcessor2_0  # (elsewhere auto is SDPA)
-    layers = [m for m in unet.modules() if isinstance(m, Attention)]
-    if any(type(m.processor) is not cls for m in layers):
-        processor = cls()
-        for m in layers:
-            m.set_processor(processor)
+    processor = cls()
+    for m in layers:
+        m.set_processor(processor)

@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -44,11 +45,17 @@ def _unique_bytes(tensors) -> int:
 
 def _cpu_rest() -> int | None:
     """Linux, CPU: hands freed heap back to the OS and resets the peak-RSS mark; returns the resting RSS."""
+    if not sys.platform.startswith("linux"):
+        return None
+    gc.collect()
     try:
-        ctypes.CDLL(None).malloc_trim(0)  # glibc
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; without it freed heap still counts as resident at rest
+    except (OSError, AttributeError):
+        pass
+    try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         return _proc_status("VmRSS")
-    except (OSError, AttributeError):
+    except OSError:
         return None
 
 

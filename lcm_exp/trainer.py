@@ -131,6 +131,8 @@ class Trainer:
                           "two chunks would switch under each other")
         if any(getattr(m, "drop_prob", 0) > 0 for m in student.unet.modules()):
             cannot.append("student.stochastic_depth drops blocks for the whole batch at once")
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in student.unet.modules()):
+            cannot.append("the student has dropout, whose draws two chunks would take from one generator")
         if want == "auto":  # where chunks pay: a CPU with spare cores, and no compiled graphs
             fits = acc.device.type == "cpu" and not self.compile and torch.get_num_threads() >= 2
             return 2 if fits and not cannot and self.batch_size >= 2 else 1

@@ -3,6 +3,10 @@
 # 512 px (64x64 latents), batch 12, bf16 -- all speed switches on, then each one off in turn.
 # Run from the repository root on a CUDA machine; the packages the image lacks come as wheels:
 #   WHEELS=.gpu/wheels OUT=/tmp/out bash scripts/gpu_bench.sh
+# Build the wheels here first (.gpu is git-ignored: pass it to the device tool's `carry`):
+#   pip download --no-deps -d .gpu/wheels diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1 \
+#       webdataset==1.0.2 braceexpand importlib_metadata
+#   pip wheel --no-deps -w .gpu/wheels antlr4-python3-runtime==4.9.3
 set -uo pipefail
 WHEELS=${WHEELS:-.gpu/wheels}
 OUT=${OUT:-/tmp/gpu_bench}

@@ -41,6 +41,9 @@ def test_auto_picks_the_kernel_only_for_small_heads_on_a_cpu():
     assert not use_small_head(big, big)
     with torch.no_grad():
         assert use_small_head(big, big)  # without backward only a tile of P exists at a time
+    frozen = big.detach()
+    assert not use_small_head(frozen, frozen, big)  # P is kept when only the values need a gradient, too
+    assert not use_small_head(small.bfloat16(), small.bfloat16())  # torch's kernel accumulates in fp32
 
 
 def test_compiled_graphs_get_sdpa(monkeypatch):
@@ -58,7 +61,10 @@ def _unet():
     return unet
 
 
-def test_auto_unet_matches_sdpa_unet_in_outputs_and_gradients():
+def test_auto_unet_matches_sdpa_unet_in_outputs_and_gradients(monkeypatch):
+    calls = []
+    kernel = attention.small_head_attention
+    monkeypatch.setattr(attention, "small_head_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     ref = _unet()
     ours = copy.deepcopy(ref)
     set_attention(ref, "sdpa")
@@ -69,7 +75,10 @@ def test_auto_unet_matches_sdpa_unet_in_outputs_and_gradients():
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 32, 32, generator=g)
     t = torch.tensor([10, 500, 990])
-    out_ref, out = ref(x, t, encoder_hidden_states=c).sample, ours(x, t, encoder_hidden_states=c).sample
+    out_ref = ref(x, t, encoder_hidden_states=c).sample
+    assert not calls
+    out = ours(x, t, encoder_hidden_states=c).sample
+    assert len(calls) == 2 * 4  # self and cross attention of the UNet's 4 transformer blocks: all ran the kernel
     assert out_ref.abs().mean() > 1e-2
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
     out_ref.square().mean().backward()
@@ -87,3 +96,31 @@ def test_set_attention_validates_and_is_idempotent():
     assert next(m.processor for m in unet.modules() if isinstance(m, Attention)) is first
     with pytest.raises(ValueError, match="auto, sdpa, xformers"):
         set_attention(unet, "flash")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_processor_matches_diffusers_for_cross_attention_with_norm_residual_and_rescale(batch):
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=4, dim_head=4, cross_attention_norm="layer_norm",
+                     residual_connection=True, rescale_output_factor=2.0, out_bias=True)
+    x, ctx = torch.randn(batch, 20, 16, requires_grad=True), torch.randn(batch, 7, 12)
+    attn.set_processor(AttnProcessor2_0())
+    expected = attn(x, encoder_hidden_states=ctx)
+    (gx_ref,) = torch.autograd.grad(expected.square().sum(), x)
+    attn.set_processor(AutoAttnProcessor())
+    got = attn(x, encoder_hidden_states=ctx)
+    (gx,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_set_attention_leaves_layers_diffusers_gave_another_processor():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    net = torch.nn.ModuleDict({"plain": Attention(query_dim=8, heads=2, dim_head=4),
+                               "unscaled": Attention(query_dim=8, heads=2, dim_head=4, scale_qk=False)})
+    assert type(net["unscaled"].processor) is AttnProcessor  # its scale is 1, not 1/sqrt(d)
+    set_attention(net, "auto")
+    assert type(net["plain"].processor) is AutoAttnProcessor and type(net["unscaled"].processor) is AttnProcessor
+    set_attention(net, "sdpa")
+    assert type(net["plain"].processor) is AttnProcessor2_0 and type(net["unscaled"].processor) is AttnProcessor

@@ -37,6 +37,26 @@ def test_reference_and_ours_compute_the_same_loss(tmp_path, monkeypatch):
     assert abs(loss_other_seed.item() - loss_ref.item()) > 1e-6  # the comparison is not vacuous
 
 
+def test_reference_runs_diffusers_sdpa_and_ours_the_small_head_kernel(tmp_path, monkeypatch):
+    """They share the student and teacher UNets, so each step must put its own processors on them."""
+    from lcm_exp import attention
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    s = Setup(compose_bench(f"data.cache_dir={tmp_path}"))
+    ref, ours = Reference(s), Ours(s)
+    calls = []
+    kernel = attention.small_head_attention
+    monkeypatch.setattr(attention, "small_head_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    ref.step(torch.Generator().manual_seed(0))
+    assert not calls
+    ours.step(torch.Generator().manual_seed(0))
+    assert calls
+    calls.clear()
+    ref.step(torch.Generator().manual_seed(0))
+    assert not calls
+
+
 def test_bench_defaults_to_the_tiny_test_teacher():
     register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -89,6 +109,8 @@ def test_cpu_peak_memory_sees_a_step_s_transient_tensors():
     from lcm_exp.bench import _cpu_rest, _proc_status
 
     rest = _cpu_rest()
+    if rest is None:
+        pytest.skip("/proc/self/clear_refs is not writable here")
     x = torch.ones(16, 2 ** 20)  # 64 MB, touched
     del x
     assert _proc_status("VmHWM") - rest >= 60 * 2 ** 20

@@ -122,6 +122,12 @@ def test_chunks_refuse_shared_or_batch_wide_state(tmp_path, monkeypatch, overrid
     with pytest.raises(ValueError, match=message) as e:
         s.trainer._resolve_chunks(_Lcd(teacher), s.student)
     assert "trainer.parallel_chunks=1" in str(e.value)
+    s.trainer.parallel_chunks = 2
+    dropout = next(m for m in s.student.unet.modules() if isinstance(m, torch.nn.Dropout))
+    dropout.p = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        s.trainer._resolve_chunks(_Lcd(teacher), s.student)
+    dropout.p = 0.0
     s.trainer.parallel_chunks = "two"
     with pytest.raises(ValueError, match="auto or a whole number"):
         s.trainer._resolve_chunks(_Lcd(teacher), s.student)
