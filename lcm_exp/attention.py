@@ -1,8 +1,8 @@
 """`trainer.attention`: which attention kernel the UNets' attention layers run.
 
 - `sdpa`: torch's `scaled_dot_product_attention` everywhere (diffusers' default `AttnProcessor2_0`).
-- `auto` (default): the same, except where torch's CPU kernels are slow: on a CPU, heads of at most
-  `SMALL_HEAD_DIM` channels (the tiny teachers have 4-12) run `small_head_attention` below.
+- `auto` (default): the same, except where torch's CPU kernels are slow: on a CPU, float32 heads of at
+  most `SMALL_HEAD_DIM` channels (the tiny teachers have 4-12) run `small_head_attention` below.
 - `xformers`: xformers' memory-efficient kernel (CUDA only).
 
 Why a kernel of our own: with 4-channel heads, attention costs almost nothing in FLOPs but everything in
@@ -21,10 +21,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XF
 
 SMALL_HEAD_DIM = 12  # at or below this head size the kernel below beats torch's on a CPU (lcm-exp-bench)
 MAX_SCORE_BYTES = 256 * 2 ** 20  # it holds P (B·H·L·S floats) from forward to backward: keep that bounded
-MODES = ("auto", "sdpa", "xformers")
-
-
 TILE_BYTES = 4 * 2 ** 20  # score rows of this many bytes are computed and used while they sit in cache
+MODES = ("auto", "sdpa", "xformers")
 
 
 def _tiles(n: int, l: int, s: int, element_size: int):
