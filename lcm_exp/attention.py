@@ -88,18 +88,23 @@ def small_head_attention(query, key, value, scale: float | None = None):
     s = key.shape[2]
     scale = d ** -0.5 if scale is None else scale
     q, k, v = (query * scale).reshape(b * h, l, d), key.reshape(b * h, s, d), value.reshape(b * h, s, d)
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+    if _keeps_p(query, key, value):
         o = _SmallHeadAttention.apply(q, k, v)
     else:
         o, _ = _forward(q, k, v, keep_p=False)
     return o.reshape(b, h, l, d)
 
 
+def _keeps_p(*tensors) -> bool:
+    """Whether a backward will follow, so that P is kept from the forward (else only a tile of it exists)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
 def use_small_head(query, key, value=None, attn_mask=None) -> bool:
     """Where the kernel beats torch's: a CPU, float32/64 (it keeps S and P in the input dtype; torch's fused
     kernel accumulates bf16/fp16 in fp32), no mask, small heads, P of bounded size when it is kept."""
     b, h, l, d = query.shape
-    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value))
+    keep = _keeps_p(query, key, value)
     return (query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64) and attn_mask is None
             and d <= SMALL_HEAD_DIM
             and not torch.compiler.is_compiling()  # a compiled graph gets SDPA, which inductor knows

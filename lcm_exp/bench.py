@@ -5,8 +5,8 @@ The reference, as the script runs it: the VAE, the tokenizer and the text encode
 teacher forward passes, teacher and target in fp32 (autocast does the casting), torch's default AdamW, a
 per-parameter EMA loop, diffusers' default SDPA attention. Ours: `Trainer.step` with its speed switches:
 latents and text embeddings precomputed (data=cached), one batched teacher pass, teacher and target held in
-the mixed-precision dtype, a fused/foreach AdamW, a foreach EMA, and on a CPU concurrent chunks and the
-small-head attention kernel (`trainer.attention=auto`). Both draw the same random numbers in the same order
+the mixed-precision dtype, a fused/foreach AdamW, a foreach EMA, and on a CPU the small-head attention
+kernel (`trainer.attention=auto`). Both draw the same random numbers in the same order
 from the same generator, so from equal weights they compute the same loss (tests/test_bench.py checks it).
 Timed steps are interleaved after warm-up.
 """
@@ -71,6 +71,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _activate(path, unets, attention: str) -> None:
+    """The paths share UNets, so each runs with its own attention processors; switching walks every module,
+    so it happens only when another path ran last (`Setup.active`)."""
+    if path.s.active is not path:
+        for m in unets:
+            set_attention(m, attention)
+        path.s.active = path
+
+
 class Reference:
     """The diffusers script's step, written the way the script writes it."""
 
@@ -92,11 +101,14 @@ class Reference:
         shared_teacher = other.teacher.unet is self.s.teacher.unet
         return self.own() + ([] if shared_teacher else list(self.s.teacher.unet.parameters()))
 
+    def activate(self) -> None:
+        """Puts diffusers' default SDPA processors on the UNets it shares with ours (untimed: see run_bench)."""
+        _activate(self, (self.s.student.unet, self.s.teacher.unet, self.target), "sdpa")
+
     def step(self, generator):
         s, acc = self.s, self.s.acc
         unet, teacher_unet, ac = s.student.unet, s.teacher.unet, s.alphas_cumprod
-        for m in (unet, teacher_unet, self.target):  # diffusers' default (the UNets are shared with ours)
-            set_attention(m, "sdpa")
+        self.activate()
         with acc.autocast():
             latents = s.teacher.vae.encode(s.pixels.to(s.teacher.vae.dtype)).latent_dist.sample(generator=generator)
             latents = latents * s.teacher.vae.config.scaling_factor
@@ -164,6 +176,7 @@ class Ours:
                   teacher_dtype=trainer.weight_dtype if cast else torch.float32,
                   batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
         trainer.prepare(lcd, s.student, self.ema, optimizer, scheduler)
+        s.active = self  # prepare put its attention processors on the shared UNets
         self.batch = {"pixels": s.pixels, "captions": s.captions}
         if cfg.bench.cached:
             with torch.no_grad():  # data=cached: what `lcm-exp-precompute` stores per sample
@@ -180,9 +193,12 @@ class Ours:
     def exclusive(self, other) -> list:
         return self.own()
 
+    def activate(self) -> None:
+        """Puts its own attention processors on the UNets it shares with the other paths."""
+        _activate(self, (self.s.student.unet, self.teacher.unet, self.ema.target), self.trainer.attention)
+
     def step(self, generator):
-        for m in (self.s.student.unet, self.teacher.unet, self.ema.target):  # shared with the other paths
-            set_attention(m, self.trainer.attention)
+        self.activate()
         loss, _ = self.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm)
         return loss
 
@@ -210,6 +226,7 @@ class Setup:
         batch = next(iter(instantiate(cfg.data)(batch_size=self.batch_size)))
         self.pixels, self.captions = batch["pixels"].to(device), batch["captions"]
         self.input_ids = self.tokenize(self.captions)
+        self.active = None  # the path whose attention processors the shared UNets hold
 
     def shared_tensors(self) -> list:
         """What every path keeps resident: the student and the teacher's networks."""
@@ -285,6 +302,7 @@ def run_bench(cfg: DictConfig) -> dict:
     peak = {p.name: 0 for p in paths}
     for r in range(b.rounds):
         for p in (paths if r % 2 == 0 else paths[::-1]):  # alternate the order: drift hits all alike
+            p.activate()  # (outside the timed steps)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             for _ in range(b.steps_per_round):
