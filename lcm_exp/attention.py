@@ -14,6 +14,10 @@ lcm-exp-bench measures it (`bench.ablate=[attention]`); tests/test_attention.py 
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -30,12 +34,57 @@ def _tiles(n: int, l: int, s: int, element_size: int):
     return [(i, min(i + step, n)) for i in range(0, n, step)], step
 
 
+class _Buffers:
+    """Reused storage for the kept P. A fresh tensor of several MB comes from mmap, and its pages fault in on
+    first touch and go back to the OS when it is freed: every training step would pay that again for each
+    attention layer. A buffer is taken in the forward and given back only when the autograd graph that saved
+    it is freed (after the backward, or when the graph is dropped; never while `retain_graph` keeps it)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.lock = max_bytes, 0, threading.Lock()
+        self.free: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()  # oldest key first
+
+    def take(self, shape, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(shape), like.dtype, like.device)
+        with self.lock:
+            if self.free.get(key):
+                buf = self.free[key].pop()
+                self.bytes -= buf.nbytes
+                return buf
+        return like.new_empty(shape)
+
+    def give(self, buf: torch.Tensor) -> None:
+        key = (tuple(buf.shape), buf.dtype, buf.device)
+        with self.lock:
+            self.free.setdefault(key, []).append(buf)
+            self.free.move_to_end(key)
+            self.bytes += buf.nbytes
+            while self.bytes > self.max_bytes:  # drop the least recently given first
+                old_key, old = next(iter(self.free.items()))
+                self.bytes -= old.pop(0).nbytes
+                if not old:
+                    del self.free[old_key]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+            self.bytes = 0
+
+
+_P_BUFFERS = _Buffers(MAX_SCORE_BYTES)
+
+
+def release_buffers() -> None:
+    """Frees the kept-P buffers held for reuse (they are at most `MAX_SCORE_BYTES`)."""
+    _P_BUFFERS.clear()
+
+
 def _forward(q, k, v, keep_p: bool):
     """Oᵀ = Vᵀ softmax(Q Kᵀ)ᵀ, a few heads at a time (q comes scaled). Returns O and, if kept, P."""
     n, l, d = q.shape
     s = k.shape[1]
     tiles, step = _tiles(n, l, s, q.element_size())
-    p_all = q.new_empty(n, l, s) if keep_p else None
+    p_all = _P_BUFFERS.take((n, l, s), q) if keep_p else None
     buf = None if keep_p else q.new_empty(min(step, n), l, s)
     ot = q.new_empty(n, d, l)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
@@ -58,6 +107,7 @@ class _SmallHeadAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         o, p = _forward(q, k, v, keep_p=True)
         ctx.save_for_backward(q, k, v, p, o)
+        weakref.finalize(ctx, _P_BUFFERS.give, p).atexit = False  # P's storage is reused once this graph is freed
         return o
 
     @staticmethod

@@ -26,7 +26,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .attention import set_attention
+from .attention import release_buffers, set_attention
 from .guidance import guidance_embedding
 from .lcd import LCD, boundary_scalings, x0_and_eps
 from .optim import lr_schedule
@@ -44,10 +44,12 @@ def _unique_bytes(tensors) -> int:
 
 
 def _cpu_rest() -> int | None:
-    """Linux, CPU: hands freed heap back to the OS and resets the peak-RSS mark; returns the resting RSS."""
+    """Linux, CPU: hands freed heap (and the attention kernel's reusable buffers, so that a step's peak counts
+    them) back to the OS and resets the peak-RSS mark; returns the resting RSS."""
     if not sys.platform.startswith("linux"):
         return None
-    gc.collect()
+    gc.collect()  # (graphs freed here give their buffers back, so release them after)
+    release_buffers()
     try:
         ctypes.CDLL(None).malloc_trim(0)  # glibc; without it freed heap still counts as resident at rest
     except (OSError, AttributeError):

@@ -124,3 +124,49 @@ def test_set_attention_leaves_layers_diffusers_gave_another_processor():
     assert type(net["plain"].processor) is AutoAttnProcessor and type(net["unscaled"].processor) is AttnProcessor
     set_attention(net, "sdpa")
     assert type(net["plain"].processor) is AttnProcessor2_0 and type(net["unscaled"].processor) is AttnProcessor
+
+
+def test_kept_p_buffers_are_reused_only_once_their_graph_is_freed():
+    attention.release_buffers()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 4, generator=g, requires_grad=True) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    grad_out = torch.randn(expected.shape, generator=g)
+    want = torch.autograd.grad(expected, (q, k, v), grad_out)
+
+    def saved_p(out):  # the P tensor the graph saved for its backward
+        return out.grad_fn.next_functions[0][0].saved_tensors[3]
+
+    first = small_head_attention(q, k, v)
+    ptr = saved_p(first).data_ptr()
+    held = small_head_attention(q, k, v)  # while the first graph lives, its P is not handed out again
+    assert saved_p(held).data_ptr() != ptr
+    # retain_graph keeps the graph, so its P stays its own: a forward in between does not overwrite it
+    got = torch.autograd.grad(first, (q, k, v), grad_out, retain_graph=True)
+    other = small_head_attention(q * 3, k, v)
+    assert saved_p(other).data_ptr() != ptr
+    for a, b in zip(torch.autograd.grad(first, (q, k, v), grad_out), want):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    del first, got
+    again = small_head_attention(q, k, v)  # the freed graph gave its buffer back: the next forward reuses it
+    assert saved_p(again).data_ptr() == ptr
+    for a, b in zip(torch.autograd.grad(again, (q, k, v), grad_out), want):
+        torch.testing.assert_close(a, b)
+    del again, held, other
+    assert attention._P_BUFFERS.bytes == 3 * 2 * 3 * 40 * 40 * 4
+    attention.release_buffers()
+    assert attention._P_BUFFERS.bytes == 0 and not attention._P_BUFFERS.free
+
+
+def test_kept_p_buffers_are_bounded_least_recently_given_first():
+    pool = attention._Buffers(max_bytes=3 * 400)
+    bufs = [torch.empty(10, 10), torch.empty(10, 10), torch.empty(5, 20), torch.empty(5, 20)]
+    for b in bufs:
+        pool.give(b)
+    assert pool.bytes == 1200 and len(pool.free[((10, 10), torch.float32, torch.device("cpu"))]) == 1
+    assert pool.take((5, 20), bufs[0]) is bufs[3] and pool.take((5, 20), bufs[0]) is bufs[2]
+    fresh = pool.take((5, 20), bufs[0])  # none left of that shape: a new tensor
+    assert fresh.shape == (5, 20) and all(fresh is not b for b in bufs)
+    assert pool.take((10, 10), bufs[0]) is bufs[1]
