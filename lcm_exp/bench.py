@@ -265,6 +265,17 @@ def ablations(names) -> dict[str, list[str]]:
     return {n: ABLATIONS[n] for n in names}
 
 
+def inert(name: str, cfg: DictConfig, device: torch.device) -> str | None:
+    """Why switching `name` off would change nothing here (so its ablation would time our step twice), or None."""
+    if variant(cfg, ABLATIONS[name]) == cfg:
+        return "it is already off: " + " ".join(ABLATIONS[name])
+    if name == "cast_frozen" and cfg.trainer.mixed_precision == "no":
+        return "nothing is cast in fp32 (trainer.mixed_precision=no)"
+    if name == "attention" and device.type != "cpu":
+        return "off a CPU, attention=auto is SDPA"
+    return None
+
+
 def variant(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
 
@@ -292,8 +303,8 @@ def run_bench(cfg: DictConfig) -> dict:
     device = s.acc.device
     paths = [Reference(s), Ours(s)]
     for n, ov in ablations(b.ablate).items():
-        if variant(cfg, ov) == cfg:  # the switch is already off in this configuration
-            log.info("bench.ablate: %s is off here (%s): nothing to time", n, " ".join(ov))
+        if why := inert(n, cfg, device):
+            log.info("bench.ablate: nothing to time without %s here: %s", n, why)
             continue
         paths.append(Ours(s, variant(cfg, ov), name=f"without_{n}"))
     gen = torch.Generator().manual_seed(0)

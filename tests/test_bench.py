@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lcm_exp.bench import ABLATIONS, Ours, Reference, Setup, ablations, variant
+from lcm_exp.bench import ABLATIONS, Ours, Reference, Setup, ablations, inert, variant
 from lcm_exp.cli import config_dir
 from lcm_exp.config import register
 
@@ -76,11 +76,22 @@ def test_ablations_resolve():
     assert cfg.trainer.parallel_chunks == 1 and cfg.trainer.batched_cfg is False and cfg.bench.cached is False
 
 
+def test_ablations_that_would_change_nothing_are_named():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = compose_bench()
+    assert "already off" in inert("parallel_chunks", cfg, cpu)
+    assert inert("parallel_chunks", compose_bench("trainer.parallel_chunks=2"), cpu) is None
+    assert "fp32" in inert("cast_frozen", cfg, cpu)
+    assert inert("cast_frozen", compose_bench("trainer.mixed_precision=bf16"), cuda) is None
+    assert inert("attention", cfg, cpu) is None and "SDPA" in inert("attention", cfg, cuda)
+    assert all(inert(n, cfg, cpu) is None for n in ("batched_cfg", "teacher_first", "cached", "fused_adamw", "all"))
+
+
 def test_bench_command_prints_json_last(tmp_path):
     r = subprocess.run([sys.executable, "-c", "from lcm_exp.cli import bench; bench()", "data.resolution=32",
                         "trainer.batch_size=2", "bench.warmup=1", "bench.rounds=2", "bench.steps_per_round=1",
                         "bench.flops=true", f"data.cache_dir={tmp_path}",
-                        "bench.ablate=[parallel_chunks,attention]"], cwd=tmp_path, capture_output=True,
+                        "bench.ablate=[parallel_chunks,attention,cast_frozen]"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -90,13 +101,14 @@ def test_bench_command_prints_json_last(tmp_path):
     assert result["device"] == "cpu" and result["steps_timed"] == 2
     assert result["speedup"] == result["ours_samples_per_s"] / result["reference_samples_per_s"]
     # the ablation ran interleaved with the others: ours with its attention kernel, the variant with SDPA;
-    # chunks are off by default, so there was no variant without them to time
+    # chunks are off by default and nothing is cast in fp32, so there was no variant without them to time
     assert result["without_attention_samples_per_s"] > 0
     assert result["speedup_without_attention"] == (result["without_attention_samples_per_s"]
                                                    / result["reference_samples_per_s"])
     assert "without_attention" in r.stdout.strip().splitlines()[-3]
     assert result["ours_parallel_chunks"] == 1 and "without_parallel_chunks_samples_per_s" not in result
-    assert "parallel_chunks is off here" in r.stderr + r.stdout
+    assert "without parallel_chunks here: it is already off" in r.stderr + r.stdout
+    assert "without_cast_frozen_samples_per_s" not in result and "nothing is cast in fp32" in r.stderr + r.stdout
     # ours runs one batched teacher pass and skips the encoders: fewer FLOPs per step than the reference
     assert 0 < result["ours_tflop_per_step"] < result["reference_tflop_per_step"]
     if sys.platform == "linux":  # CPU peak memory: at least the networks both paths keep resident (~8 MB here)
