@@ -119,17 +119,26 @@ class _SmallHeadAttention(torch.autograd.Function):
         tiles, step = _tiles(n, l, s, q.element_size())
         do = do.contiguous()
         delta = (do * o).sum(-1, keepdim=True)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
-        dqt, dkt, dvt = q.new_empty(n, d, l), q.new_empty(n, d, s), q.new_empty(n, d, s)
-        buf = q.new_empty(min(step, n), l, s)
+        need_q, need_k, need_v = ctx.needs_input_grad  # (a frozen projection's input needs none)
+        dqt = q.new_empty(n, d, l) if need_q else None
+        dkt = q.new_empty(n, d, s) if need_k else None
+        dvt = q.new_empty(n, d, s) if need_v else None
+        buf = q.new_empty(min(step, n), l, s) if need_q or need_k else None
         qt, kt, vt, dot = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), do.transpose(1, 2)
         for i, j in tiles:
-            p, ds = p_all[i:j], buf[: j - i]
-            torch.bmm(dot[i:j], p, out=dvt[i:j])  # dVᵀ = dOᵀ P
+            p = p_all[i:j]
+            if need_v:
+                torch.bmm(dot[i:j], p, out=dvt[i:j])  # dVᵀ = dOᵀ P
+            if buf is None:
+                continue
+            ds = buf[: j - i]
             torch.bmm(do[i:j], vt[i:j], out=ds)  # dP = dO Vᵀ
             ds.sub_(delta[i:j]).mul_(p)  # dS = P ∘ (dP − rowsum(dO ∘ O))
-            torch.bmm(kt[i:j], ds.transpose(1, 2), out=dqt[i:j])  # dQᵀ = Kᵀ dSᵀ
-            torch.bmm(qt[i:j], ds, out=dkt[i:j])  # dKᵀ = Qᵀ dS
-        return dqt.transpose(1, 2), dkt.transpose(1, 2), dvt.transpose(1, 2)
+            if need_q:
+                torch.bmm(kt[i:j], ds.transpose(1, 2), out=dqt[i:j])  # dQᵀ = Kᵀ dSᵀ
+            if need_k:
+                torch.bmm(qt[i:j], ds, out=dkt[i:j])  # dKᵀ = Qᵀ dS
+        return tuple(None if g is None else g.transpose(1, 2) for g in (dqt, dkt, dvt))
 
 
 def small_head_attention(query, key, value, scale: float | None = None):

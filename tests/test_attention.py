@@ -170,3 +170,15 @@ def test_kept_p_buffers_are_bounded_least_recently_given_first():
     fresh = pool.take((5, 20), bufs[0])  # none left of that shape: a new tensor
     assert fresh.shape == (5, 20) and all(fresh is not b for b in bufs)
     assert pool.take((10, 10), bufs[0]) is bufs[1]
+
+
+@pytest.mark.parametrize("needs", [(False, True, True), (True, False, False), (False, False, True), (True, True, False)])
+def test_backward_computes_only_the_gradients_its_inputs_need(needs):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 30, 4, generator=g, dtype=torch.float64).requires_grad_(n) for n in needs)
+    grad_out = torch.randn(2, 3, 30, 4, generator=g, dtype=torch.float64)
+    want = [x for x in (q, k, v) if x.requires_grad]
+    got = torch.autograd.grad(small_head_attention(q, k, v), want, grad_out)
+    expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), want, grad_out)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
