@@ -38,7 +38,8 @@ class _Buffers:
     """Reused storage for the kept P. A fresh tensor of several MB comes from mmap, and its pages fault in on
     first touch and go back to the OS when it is freed: every training step would pay that again for each
     attention layer. A buffer is taken in the forward and given back only when the autograd graph that saved
-    it is freed (after the backward, or when the graph is dropped; never while `retain_graph` keeps it)."""
+    it is freed (after the backward, or when the graph is dropped; never while `retain_graph` keeps it), and
+    not at all under saved-tensor hooks (gradient checkpointing), which hold P on their own terms."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes, self.lock = max_bytes, 0, threading.Lock()
@@ -79,12 +80,20 @@ def release_buffers() -> None:
     _P_BUFFERS.clear()
 
 
-def _forward(q, k, v, keep_p: bool):
-    """Oᵀ = Vᵀ softmax(Q Kᵀ)ᵀ, a few heads at a time (q comes scaled). Returns O and, if kept, P."""
+def _hooks_hold_saved() -> bool:
+    """Whether saved-tensor hooks (non-reentrant checkpointing, `save_on_cpu`) hold what a Function saves: then
+    P lives as long as they keep it, not as long as the graph, and must not go back to the pool."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _forward(q, k, v, keep_p: bool, pooled: bool = False):
+    """Oᵀ = Vᵀ softmax(Q Kᵀ)ᵀ, a few heads at a time (q comes scaled). Returns O and, if kept, P (in a pooled
+    buffer if `pooled`)."""
     n, l, d = q.shape
     s = k.shape[1]
     tiles, step = _tiles(n, l, s, q.element_size())
-    p_all = _P_BUFFERS.take((n, l, s), q) if keep_p else None
+    p_all = (_P_BUFFERS.take((n, l, s), q) if pooled else q.new_empty(n, l, s)) if keep_p else None
     buf = None if keep_p else q.new_empty(min(step, n), l, s)
     ot = q.new_empty(n, d, l)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
@@ -105,9 +114,11 @@ class _SmallHeadAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        o, p = _forward(q, k, v, keep_p=True)
+        pooled = not _hooks_hold_saved()
+        o, p = _forward(q, k, v, keep_p=True, pooled=pooled)
         ctx.save_for_backward(q, k, v, p, o)
-        weakref.finalize(ctx, _P_BUFFERS.give, p).atexit = False  # P's storage is reused once this graph is freed
+        if pooled:  # P's storage is reused once this graph is freed
+            weakref.finalize(ctx, _P_BUFFERS.give, p).atexit = False
         return o
 
     @staticmethod

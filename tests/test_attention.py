@@ -182,3 +182,31 @@ def test_backward_computes_only_the_gradients_its_inputs_need(needs):
     expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), want, grad_out)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_checkpointing_keeps_p_out_of_the_pool_and_matches_sdpa():
+    """Non-reentrant checkpointing (diffusers') recomputes the forward in the backward and holds the recomputed
+    P itself, after the recomputed graph is gone: such a P must never be handed to another forward."""
+    attention.release_buffers()
+    ref = _unet()
+    ours = copy.deepcopy(ref)
+    set_attention(ref, "sdpa")
+    set_attention(ours, "auto")
+    for m in (ref, ours):
+        m.enable_gradient_checkpointing()
+        m.train()
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):  # the second step would reuse whatever the first gave back
+        x, c = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 32, 32, generator=g)
+        t = torch.tensor([10, 500, 990])
+        for m in (ref, ours):
+            m.zero_grad()
+            m(x, t, encoder_hidden_states=c).sample.square().mean().backward()
+        for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+            scale = b.grad.abs().max().clamp(min=1e-8)
+            assert ((a.grad - b.grad).abs().max() / scale) < 1e-3, (step, name)
+        assert attention._P_BUFFERS.bytes == 0
+    with torch.autograd.graph.save_on_cpu():  # any saved-tensor hooks: their P is theirs
+        q = torch.randn(1, 2, 8, 4, requires_grad=True)
+        small_head_attention(q, q, q).sum().backward()
+    assert attention._P_BUFFERS.bytes == 0
