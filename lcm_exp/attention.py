@@ -14,9 +14,10 @@ lcm-exp-bench measures it (`bench.ablate=[attention]`); tests/test_attention.py 
 """
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 import torch.nn.functional as F
@@ -37,30 +38,47 @@ def _tiles(n: int, l: int, s: int, element_size: int):
 class _Buffers:
     """Reused storage for the kept P. A fresh tensor of several MB comes from mmap, and its pages fault in on
     first touch and go back to the OS when it is freed: every training step would pay that again for each
-    attention layer. A buffer is taken in the forward and given back only when the autograd graph that saved
-    it is freed (after the backward, or when the graph is dropped; never while `retain_graph` keeps it), and
-    not at all under saved-tensor hooks (gradient checkpointing), which hold P on their own terms."""
+    attention layer. A buffer is taken in the forward and given back once nothing can read it again: at the
+    end of a backward that freed the graph's saved tensors, or when the graph is dropped (never while
+    `retain_graph` keeps it); not at all under saved-tensor hooks (gradient checkpointing), which hold P on
+    their own terms. At most `max_bytes` are kept, the least recently given dropped first."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes, self.lock = max_bytes, 0, threading.Lock()
         self.free: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()  # oldest key first
+        self.returned: deque[torch.Tensor] = deque()  # given back, not yet filed (give never waits for the lock)
 
     def take(self, shape, like: torch.Tensor) -> torch.Tensor:
         key = (tuple(shape), like.dtype, like.device)
         with self.lock:
-            if self.free.get(key):
-                buf = self.free[key].pop()
+            self._file_returned()
+            bufs = self.free.get(key)
+            if bufs:
+                buf = bufs.pop()
+                if not bufs:
+                    del self.free[key]
                 self.bytes -= buf.nbytes
                 return buf
         return like.new_empty(shape)
 
     def give(self, buf: torch.Tensor) -> None:
-        key = (tuple(buf.shape), buf.dtype, buf.device)
-        with self.lock:
+        """Called from finalizers, i.e. from whatever code triggers a garbage collection, perhaps while this
+        thread holds the lock: it only queues the buffer, and files it if the lock is free right now."""
+        self.returned.append(buf)
+        if self.lock.acquire(blocking=False):
+            try:
+                self._file_returned()
+            finally:
+                self.lock.release()
+
+    def _file_returned(self) -> None:  # (the lock held)
+        while self.returned:
+            buf = self.returned.popleft()
+            key = (tuple(buf.shape), buf.dtype, buf.device)
             self.free.setdefault(key, []).append(buf)
             self.free.move_to_end(key)
             self.bytes += buf.nbytes
-            while self.bytes > self.max_bytes:  # drop the least recently given first
+            while self.bytes > self.max_bytes:
                 old_key, old = next(iter(self.free.items()))
                 self.bytes -= old.pop(0).nbytes
                 if not old:
@@ -68,6 +86,7 @@ class _Buffers:
 
     def clear(self) -> None:
         with self.lock:
+            self.returned.clear()
             self.free.clear()
             self.bytes = 0
 
@@ -117,14 +136,18 @@ class _SmallHeadAttention(torch.autograd.Function):
         pooled = not _hooks_hold_saved()
         o, p = _forward(q, k, v, keep_p=True, pooled=pooled)
         ctx.save_for_backward(q, k, v, p, o)
-        if pooled:  # P's storage is reused once this graph is freed
-            weakref.finalize(ctx, _P_BUFFERS.give, p).atexit = False
+        ctx.give_back = None
+        if pooled:  # P's storage is reused once this graph is freed (or, see backward, once it lets go of P)
+            ctx.give_back = weakref.finalize(ctx, _P_BUFFERS.give, p)
+            ctx.give_back.atexit = False
         return o
 
     @staticmethod
     @once_differentiable  # (the products below write into buffers: no double backward)
     def backward(ctx, do):
         q, k, v, p_all, o = ctx.saved_tensors
+        if ctx.give_back is not None:  # a kept graph (a stored loss) must not pin P after a backward that freed it
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_give_back_if_freed, ctx))
         n, l, d = q.shape
         s = k.shape[1]
         tiles, step = _tiles(n, l, s, q.element_size())
@@ -150,6 +173,15 @@ class _SmallHeadAttention(torch.autograd.Function):
             if need_k:
                 torch.bmm(qt[i:j], ds, out=dkt[i:j])  # dKᵀ = Qᵀ dS
         return tuple(None if g is None else g.transpose(1, 2) for g in (dqt, dkt, dvt))
+
+
+def _give_back_if_freed(ctx) -> None:
+    """At the end of a backward: if it freed the graph's saved tensors (no `retain_graph`), P is only the pool's
+    to reuse now, even while something keeps the graph itself alive."""
+    try:
+        ctx.saved_tensors
+    except RuntimeError:  # "...after they have already been freed"
+        ctx.give_back()  # (a finalize object runs once: the graph's later death gives nothing back again)
 
 
 def small_head_attention(query, key, value, scale: float | None = None):

@@ -149,12 +149,12 @@ def test_kept_p_buffers_are_reused_only_once_their_graph_is_freed():
         torch.testing.assert_close(a, b)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
-    del first, got
-    again = small_head_attention(q, k, v)  # the freed graph gave its buffer back: the next forward reuses it
-    assert saved_p(again).data_ptr() == ptr
+    # that backward freed the saved tensors: P went back although `first` (a stored loss, say) keeps its graph
+    again = small_head_attention(q, k, v)
+    assert saved_p(again).data_ptr() == ptr and first.grad_fn is not None
     for a, b in zip(torch.autograd.grad(again, (q, k, v), grad_out), want):
         torch.testing.assert_close(a, b)
-    del again, held, other
+    del again, held, other, first  # (`first` gives nothing back twice)
     assert attention._P_BUFFERS.bytes == 3 * 2 * 3 * 40 * 40 * 4
     attention.release_buffers()
     assert attention._P_BUFFERS.bytes == 0 and not attention._P_BUFFERS.free
@@ -169,7 +169,24 @@ def test_kept_p_buffers_are_bounded_least_recently_given_first():
     assert pool.take((5, 20), bufs[0]) is bufs[3] and pool.take((5, 20), bufs[0]) is bufs[2]
     fresh = pool.take((5, 20), bufs[0])  # none left of that shape: a new tensor
     assert fresh.shape == (5, 20) and all(fresh is not b for b in bufs)
+    assert pool.take((10, 10), bufs[0]) is bufs[1] and pool.bytes == 0 and not pool.free
+    # a shape emptied by `take` and then the oldest when the pool overflows: still bounded, nothing raised
+    pool.give(bufs[1])
     assert pool.take((10, 10), bufs[0]) is bufs[1]
+    for b in [torch.empty(2, 50) for _ in range(5)]:
+        pool.give(b)
+    assert pool.bytes == 1200 and list(pool.free) == [((2, 50), torch.float32, torch.device("cpu"))]
+
+
+def test_giving_back_never_waits_for_the_lock():
+    """Finalizers give buffers back from whatever code triggers a garbage collection, perhaps code of the pool
+    itself holding its lock: `give` must queue, not wait (a plain lock would deadlock that thread)."""
+    pool = attention._Buffers(max_bytes=10 ** 6)
+    buf = torch.empty(10, 10)
+    with pool.lock:
+        pool.give(buf)  # would hang here if give took the lock
+        assert pool.bytes == 0 and list(pool.returned) == [buf]
+    assert pool.take((10, 10), buf) is buf and not pool.returned
 
 
 @pytest.mark.parametrize("needs", [(False, True, True), (True, False, False), (False, False, True), (True, True, False)])
