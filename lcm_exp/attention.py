@@ -152,12 +152,12 @@ class _SmallHeadAttention(torch.autograd.Function):
         s = k.shape[1]
         tiles, step = _tiles(n, l, s, q.element_size())
         do = do.contiguous()
-        delta = (do * o).sum(-1, keepdim=True)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
         need_q, need_k, need_v = ctx.needs_input_grad  # (a frozen projection's input needs none)
         dqt = q.new_empty(n, d, l) if need_q else None
         dkt = q.new_empty(n, d, s) if need_k else None
         dvt = q.new_empty(n, d, s) if need_v else None
         buf = q.new_empty(min(step, n), l, s) if need_q or need_k else None
+        delta = (do * o).sum(-1, keepdim=True) if buf is not None else None  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
         qt, kt, vt, dot = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), do.transpose(1, 2)
         for i, j in tiles:
             p = p_all[i:j]

@@ -189,7 +189,8 @@ def test_giving_back_never_waits_for_the_lock():
     assert pool.take((10, 10), buf) is buf and not pool.returned
 
 
-@pytest.mark.parametrize("needs", [(False, True, True), (True, False, False), (False, False, True), (True, True, False)])
+@pytest.mark.parametrize("needs", [(False, True, True), (True, False, False), (False, False, True), (True, True, False),
+                                   (False, True, False), (True, False, True)])
 def test_backward_computes_only_the_gradients_its_inputs_need(needs):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 30, 4, generator=g, dtype=torch.float64).requires_grad_(n) for n in needs)
