@@ -191,12 +191,19 @@ def test_giving_back_never_waits_for_the_lock():
 
 @pytest.mark.parametrize("needs", [(False, True, True), (True, False, False), (False, False, True), (True, True, False),
                                    (False, True, False), (True, False, True)])
-def test_backward_computes_only_the_gradients_its_inputs_need(needs):
+def test_backward_computes_only_the_gradients_its_inputs_need(needs, monkeypatch):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 30, 4, generator=g, dtype=torch.float64).requires_grad_(n) for n in needs)
     grad_out = torch.randn(2, 3, 30, 4, generator=g, dtype=torch.float64)
     want = [x for x in (q, k, v) if x.requires_grad]
-    got = torch.autograd.grad(small_head_attention(q, k, v), want, grad_out)
+    out = small_head_attention(q, k, v)
+    products = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **kw: products.append(1) or bmm(*a, **kw))
+    got = torch.autograd.grad(out, want, grad_out)
+    monkeypatch.undo()
+    need_q, need_k, need_v = needs  # one tile here: dV, then dP (for dQ or dK), dQ, dK, each only when needed
+    assert len(products) == need_v + (need_q or need_k) + need_q + need_k
     expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), want, grad_out)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
