@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
 
+from .config import ATTENTION_MODES as MODES
+
 SMALL_HEAD_DIM = 12  # at or below this head size the kernel below beats torch's on a CPU (lcm-exp-bench)
 MAX_SCORE_BYTES = 256 * 2 ** 20  # it holds P (B·H·L·S floats) from forward to backward: keep that bounded
 TILE_BYTES = 4 * 2 ** 20  # score rows of this many bytes are computed and used while they sit in cache
-MODES = ("auto", "sdpa", "xformers")
 
 
 def _tiles(n: int, l: int, s: int, element_size: int):
@@ -106,13 +107,13 @@ def _hooks_hold_saved() -> bool:
     return top is None or top(False) is not None
 
 
-def _forward(q, k, v, keep_p: bool, pooled: bool = False):
-    """Oᵀ = Vᵀ softmax(Q Kᵀ)ᵀ, a few heads at a time (q comes scaled). Returns O and, if kept, P (in a pooled
-    buffer if `pooled`)."""
+def _forward(q, k, v, p_all: torch.Tensor | None = None):
+    """Oᵀ = Vᵀ softmax(Q Kᵀ)ᵀ, a few heads at a time (q comes scaled). With `p_all` ([N, L, S]) P is kept there
+    for a backward; without, only a tile of it exists at a time."""
     n, l, d = q.shape
     s = k.shape[1]
     tiles, step = _tiles(n, l, s, q.element_size())
-    p_all = (_P_BUFFERS.take((n, l, s), q) if pooled else q.new_empty(n, l, s)) if keep_p else None
+    keep_p = p_all is not None
     buf = None if keep_p else q.new_empty(min(step, n), l, s)
     ot = q.new_empty(n, d, l)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
@@ -134,7 +135,8 @@ class _SmallHeadAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
         pooled = not _hooks_hold_saved()
-        o, p = _forward(q, k, v, keep_p=True, pooled=pooled)
+        n, l, s = *q.shape[:2], k.shape[1]
+        o, p = _forward(q, k, v, _P_BUFFERS.take((n, l, s), q) if pooled else q.new_empty(n, l, s))
         ctx.save_for_backward(q, k, v, p, o)
         ctx.give_back = None
         if pooled:  # P's storage is reused once this graph is freed (or, see backward, once it lets go of P)
@@ -193,7 +195,7 @@ def small_head_attention(query, key, value, scale: float | None = None):
     if _keeps_p(query, key, value):
         o = _SmallHeadAttention.apply(q, k, v)
     else:
-        o, _ = _forward(q, k, v, keep_p=False)
+        o, _ = _forward(q, k, v)
     return o.reshape(b, h, l, d)
 
 

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+ATTENTION_MODES = ("auto", "sdpa", "xformers")  # trainer.attention (lcm_exp/attention.py)
+
 
 @dataclass
 class TeacherConfig:
@@ -260,8 +262,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.trainer.batch_size >= 1, "trainer.batch_size", cfg.trainer.batch_size, ">= 1"),
         (cfg.trainer.gradient_accumulation_steps >= 1, "trainer.gradient_accumulation_steps",
          cfg.trainer.gradient_accumulation_steps, ">= 1"),
-        (cfg.trainer.attention in ("auto", "sdpa", "xformers"), "trainer.attention", cfg.trainer.attention,
-         "auto, sdpa or xformers"),
+        (cfg.trainer.attention in ATTENTION_MODES, "trainer.attention", cfg.trainer.attention,
+         "one of " + ", ".join(ATTENTION_MODES)),
         (cfg.trainer.mixed_precision in ("no", "fp16", "bf16"), "trainer.mixed_precision",
          cfg.trainer.mixed_precision, "one of no, fp16, bf16"),
         (cfg.trainer.resume in (None, "latest") or "/" in str(cfg.trainer.resume) or "checkpoint-" in str(cfg.trainer.resume),
