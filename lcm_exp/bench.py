@@ -297,6 +297,31 @@ def count_flops(path, seed: int) -> int:
     return counter.get_total_flops()
 
 
+def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_round: int):
+    """Each path's step times (s) and, on CUDA, peak memory (bytes): the paths take turns, `steps_per_round`
+    steps each, in alternating order, after `warmup` steps each."""
+    for _ in range(warmup):
+        for p in paths:
+            p.step(gen)
+    times = {p.name: [] for p in paths}
+    peak = {p.name: 0 for p in paths}
+    for r in range(rounds):
+        for p in (paths if r % 2 == 0 else paths[::-1]):  # alternate the order: drift hits all alike
+            p.activate()  # (outside the timed steps)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(steps_per_round):
+                _sync(device)
+                t0 = time.perf_counter()
+                p.step(gen)
+                _sync(device)
+                times[p.name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)  # held only for the other paths
+                peak[p.name] = max(peak[p.name], torch.cuda.max_memory_allocated(device) - others)
+    return times, peak
+
+
 def run_bench(cfg: DictConfig) -> dict:
     b = cfg.bench
     s = Setup(cfg)
@@ -308,25 +333,7 @@ def run_bench(cfg: DictConfig) -> dict:
             continue
         paths.append(Ours(s, variant(cfg, ov), name=f"without_{n}"))
     gen = torch.Generator().manual_seed(0)
-    for _ in range(b.warmup):
-        for p in paths:
-            p.step(gen)
-    times = {p.name: [] for p in paths}
-    peak = {p.name: 0 for p in paths}
-    for r in range(b.rounds):
-        for p in (paths if r % 2 == 0 else paths[::-1]):  # alternate the order: drift hits all alike
-            p.activate()  # (outside the timed steps)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(b.steps_per_round):
-                _sync(device)
-                t0 = time.perf_counter()
-                p.step(gen)
-                _sync(device)
-                times[p.name].append(time.perf_counter() - t0)
-            if device.type == "cuda":
-                others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)  # held only for the other paths
-                peak[p.name] = max(peak[p.name], torch.cuda.max_memory_allocated(device) - others)
+    times, peak = time_interleaved(paths, device, gen, b.warmup, b.rounds, b.steps_per_round)
     if device.type == "cpu":  # untimed (it trims the heap): the resident tensors + how far the steps raise the RSS
         for p in paths:
             rest = _cpu_rest()
