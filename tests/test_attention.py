@@ -12,11 +12,29 @@ from lcm_exp.attention import AutoAttnProcessor, set_attention, small_head_atten
 from lcm_exp.teachers.tiny_random import build_components
 
 
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def path(self) -> str:
+        """Which pass the attention took: the exp2 one without the max, or torch.softmax."""
+        exp2, softmax = "exp2_" in self.ops, bool({"softmax", "_softmax"} & set(self.ops))
+        assert exp2 != softmax, self.ops
+        return "exp2" if exp2 else "softmax"
+
+
+@pytest.mark.parametrize("unshifted", [True, False])  # the exp2 pass without softmax's max, or torch.softmax
 @pytest.mark.parametrize("shape_q,shape_kv", [((2, 3, 37, 4), (2, 3, 37, 4)),  # self-attention, odd length
                                               ((2, 8, 64, 6), (2, 8, 19, 6)),  # cross-attention
                                               ((1, 2, 300, 4), (1, 2, 300, 4))])
-def test_small_head_attention_is_sdpa_with_its_gradients(shape_q, shape_kv, monkeypatch):
+def test_small_head_attention_is_sdpa_with_its_gradients(shape_q, shape_kv, unshifted, monkeypatch):
     monkeypatch.setattr(attention, "TILE_BYTES", 20_000)  # several tiles of heads, and a last partial one
+    monkeypatch.setattr(attention, "UNSHIFTED_MIN_SCORES", 0 if unshifted else float("inf"))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
                for s in (shape_q, shape_kv, shape_kv))
@@ -26,10 +44,41 @@ def test_small_head_attention_is_sdpa_with_its_gradients(shape_q, shape_kv, monk
     grad_out = torch.randn(expected.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    with torch.no_grad():  # the no-grad path keeps no P and reuses one tile buffer
+    with torch.no_grad(), OpCounter() as counter:  # the no-grad path keeps no P and reuses one tile buffer
         torch.testing.assert_close(small_head_attention(q, k, v), expected, rtol=1e-10, atol=1e-12)
+    assert counter.path() == ("exp2" if unshifted else "softmax")
     # a wrong kernel would not pass: a different scale changes the result
     assert (small_head_attention(q, k, v, scale=1.0) - expected).abs().max() > 1e-3
+
+
+def test_exp2_pass_only_where_no_exponent_can_overflow():
+    """The large calls skip softmax's max pass only when |Q Kᵀ| is bounded (as in the tiny teachers): with large
+    scores they take torch.softmax and still equal SDPA, where exp2 of the raw scores would overflow."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 256, 4, generator=g) for _ in range(3))
+    assert 2 * 8 * 256 * 256 >= attention.UNSHIFTED_MIN_SCORES  # (a self-attention call of the bench's size)
+    for scale, unshifted in ((1.0, True), (40.0, False)):
+        qs, ks = q * scale, k * scale
+        with torch.no_grad(), OpCounter() as counter:
+            got = small_head_attention(qs, ks, v)
+        assert counter.path() == ("exp2" if unshifted else "softmax")
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(qs, ks, v), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the bound is what keeps it right: without it, exp2 overflows
+        attention.MAX_EXPONENT, keep = float("inf"), attention.MAX_EXPONENT
+        try:
+            assert not small_head_attention(q * 40, k * 40, v).isfinite().all()
+        finally:
+            attention.MAX_EXPONENT = keep
+
+
+def test_exponent_bound_bounds_the_scores():
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.5, 3.0, 10.0):  # both stages: √D max|x| each, then the row norms
+        q, k = torch.randn(6, 100, 4, generator=g) * scale, torch.randn(6, 80, 4, generator=g)
+        q[0, 0] = 8 * scale  # one large row: the norms bound is the tighter
+        true = (torch.bmm(q, k.transpose(1, 2)).abs().amax() * attention.LOG2E).item()
+        bound = attention._exponent_bound(q, k)
+        assert true <= bound <= 4 * true
 
 
 def test_auto_picks_the_kernel_only_for_small_heads_on_a_cpu():
@@ -150,14 +199,42 @@ def test_kept_p_buffers_are_reused_only_once_their_graph_is_freed():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     # that backward freed the saved tensors: P went back although `first` (a stored loss, say) keeps its graph
-    again = small_head_attention(q, k, v)
-    assert saved_p(again).data_ptr() == ptr and first.grad_fn is not None
+    assert ptr in pooled() and first.grad_fn is not None
+    free = pooled()
+    again = small_head_attention(q, k, v)  # takes a buffer from the pool
+    kept = {saved_p(x).data_ptr() for x in (again, held, other)}
+    assert saved_p(again).data_ptr() in free
     for a, b in zip(torch.autograd.grad(again, (q, k, v), grad_out), want):
         torch.testing.assert_close(a, b)
     del again, held, other, first  # (`first` gives nothing back twice)
-    assert attention._P_BUFFERS.bytes == 3 * 2 * 3 * 40 * 40 * 4
+    assert kept | {ptr} <= pooled()
+    assert attention._P_BUFFERS.bytes == 4 * 40 * 40 * len(pooled()) * 2 * 3
     attention.release_buffers()
     assert attention._P_BUFFERS.bytes == 0 and not attention._P_BUFFERS.free
+
+
+def pooled() -> set[int]:
+    return {b.data_ptr() for bufs in attention._P_BUFFERS.free.values() for b in bufs}
+
+
+def test_scratch_tiles_are_reused_from_call_to_call(monkeypatch):
+    """The no-grad forward's tile of scores and the backward's tile of dS come from a pool, not from a fresh
+    mmap whose pages fault in on every call; the kept P never goes there."""
+    attention.release_buffers()
+    taken = []
+    take = attention._TILES.take
+    monkeypatch.setattr(attention._TILES, "take", lambda *a: taken.append(take(*a)) or taken[-1])
+    q = torch.randn(2, 8, 64, 4)
+    with torch.no_grad():
+        small_head_attention(q, q, q)
+        small_head_attention(q, q, q)
+    q.requires_grad_()
+    out = small_head_attention(q, q, q)
+    p = out.grad_fn.next_functions[0][0].saved_tensors[3]
+    out.sum().backward()
+    assert len(taken) == 3 and len({t.data_ptr() for t in taken}) == 1  # forward, forward, backward
+    assert p.data_ptr() != taken[0].data_ptr() and attention._TILES.bytes == taken[0].nbytes
+    attention.release_buffers()
 
 
 def test_kept_p_buffers_are_bounded_least_recently_given_first():
