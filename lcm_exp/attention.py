@@ -30,7 +30,7 @@ from .config import ATTENTION_MODES as MODES
 SMALL_HEAD_DIM = 12  # at or below this head size the kernel below beats torch's on a CPU (lcm-exp-bench)
 MAX_SCORE_BYTES = 256 * 2 ** 20  # it holds P (B·H·L·S floats) from forward to backward: keep that bounded
 TILE_BYTES = 4 * 2 ** 20  # score rows of this many bytes are computed and used while they sit in cache
-UNSHIFTED_MIN_SCORES = 2 ** 20  # from this many scores (N·L·S) a call may skip softmax's max pass (see _forward)
+UNSHIFTED_MIN_KEYS = 256  # rows of at least this many scores may skip softmax's max pass (see _forward)
 MAX_EXPONENT = 64.0  # ... when |log2(e)·Q Kᵀ| ≤ this: exp2 neither overflows nor leaves a row's sum subnormal
 LOG2E = 1.4426950408889634
 
@@ -133,9 +133,10 @@ def _forward(q, k, v, e_all: torch.Tensor | None = None):
 
     softmax subtracts each row's max before its exp so that no exp overflows. Where |Q Kᵀ| is known to be small
     (`_exponent_bound` ≤ MAX_EXPONENT, as in the tiny teachers) no exp can overflow or leave a row without a
-    normal term, and the large calls (self-attention) skip that pass: E = 2^(log2(e)·Q Kᵀ), l = rowsum(E), and
-    the division by l moves to the D-wide O. On the 2-core CPU exp2 and the row sum take 60% of torch.softmax's
-    time over a 4 MB tile (torch.exp is slower than exp2 there), which makes the forward about 15% faster.
+    normal term, and long rows (the tiny teacher's self-attention at 64 px) skip that pass: E = 2^(log2(e)·Q Kᵀ),
+    l = rowsum(E), and the division by l moves to the D-wide O. On the 2-core CPU exp2 and the row sum take 60%
+    of torch.softmax's time over a 4 MB tile of 256-long rows (torch.exp is slower than exp2 there), which makes
+    the forward about 15% faster with 4-channel heads; with rows of 64 it is slower, hence UNSHIFTED_MIN_KEYS.
     """
     n, l, d = q.shape
     s = k.shape[1]
@@ -143,7 +144,7 @@ def _forward(q, k, v, e_all: torch.Tensor | None = None):
     buf = None if e_all is not None else _TILES.take((min(step, n), l, s), q)
     ot = q.new_empty(n, d, l)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-    unshifted = n * l * s >= UNSHIFTED_MIN_SCORES and _exponent_bound(q, k) <= MAX_EXPONENT
+    unshifted = s >= UNSHIFTED_MIN_KEYS and _exponent_bound(q, k) <= MAX_EXPONENT
     rowsum = q.new_empty(n, 1, l) if unshifted else None
     for i, j in tiles:
         e = e_all[i:j] if e_all is not None else buf[: j - i]

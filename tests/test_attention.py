@@ -34,7 +34,7 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
                                               ((1, 2, 300, 4), (1, 2, 300, 4))])
 def test_small_head_attention_is_sdpa_with_its_gradients(shape_q, shape_kv, unshifted, monkeypatch):
     monkeypatch.setattr(attention, "TILE_BYTES", 20_000)  # several tiles of heads, and a last partial one
-    monkeypatch.setattr(attention, "UNSHIFTED_MIN_SCORES", 0 if unshifted else float("inf"))
+    monkeypatch.setattr(attention, "UNSHIFTED_MIN_KEYS", 0 if unshifted else float("inf"))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
                for s in (shape_q, shape_kv, shape_kv))
@@ -52,17 +52,20 @@ def test_small_head_attention_is_sdpa_with_its_gradients(shape_q, shape_kv, unsh
 
 
 def test_exp2_pass_only_where_no_exponent_can_overflow():
-    """The large calls skip softmax's max pass only when |Q Kᵀ| is bounded (as in the tiny teachers): with large
+    """Long rows skip softmax's max pass only when |Q Kᵀ| is bounded (as in the tiny teachers): with large
     scores they take torch.softmax and still equal SDPA, where exp2 of the raw scores would overflow."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 8, 256, 4, generator=g) for _ in range(3))
-    assert 2 * 8 * 256 * 256 >= attention.UNSHIFTED_MIN_SCORES  # (a self-attention call of the bench's size)
+    assert 256 >= attention.UNSHIFTED_MIN_KEYS  # (the bench's self-attention; cross-attention rows are short)
     for scale, unshifted in ((1.0, True), (40.0, False)):
         qs, ks = q * scale, k * scale
         with torch.no_grad(), OpCounter() as counter:
             got = small_head_attention(qs, ks, v)
         assert counter.path() == ("exp2" if unshifted else "softmax")
         torch.testing.assert_close(got, F.scaled_dot_product_attention(qs, ks, v), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), OpCounter() as counter:  # rows of 64 (the shipped teacher at 32 px): softmax is faster
+        small_head_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64])
+    assert counter.path() == "softmax"
     with torch.no_grad():  # the bound is what keeps it right: without it, exp2 overflows
         attention.MAX_EXPONENT, keep = float("inf"), attention.MAX_EXPONENT
         try:
