@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from .wds import webdataset
+
 log = logging.getLogger(__name__)
 
 
@@ -63,8 +65,8 @@ def _collate(samples):
 
 
 def loader(urls, batch_size: int, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, **_):
-    ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed + rank, empty_check=False,
-                        handler=wds.warn_and_continue)
+    ds = webdataset(urls, seed + rank, resampled=True, shardshuffle=False, empty_check=False,
+                    handler=wds.warn_and_continue)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, rng=random.Random(seed + rank))
     return ds.select(lambda s: "mean.npy" in s).decode().batched(batch_size, collation_fn=_collate, partial=False)

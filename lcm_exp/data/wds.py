@@ -102,6 +102,18 @@ def _collate(samples):
             "micro_conditioning": [s[2] for s in samples], "n_skipped": _Skips.pop()}
 
 
+def webdataset(urls, seed: int, resampled: bool, **kwargs) -> wds.WebDataset:
+    """`wds.WebDataset` whose resampled shard stream follows `seed`: WebDataset draws it from a
+    `ResampledShards` seeded with the pid, the clock and os.urandom, so the same seed would not give the same
+    run. Ours is `deterministic` (the seed, the epoch, and the rank/worker)."""
+    ds = wds.WebDataset(urls, resampled=resampled, seed=seed, **kwargs)
+    if resampled:
+        assert isinstance(ds.pipeline[0], wds.ResampledShards), ds.pipeline[0]
+        ds.pipeline[0] = wds.ResampledShards(urls, seed=seed, deterministic=True,
+                                             empty_check=kwargs.get("empty_check", True))
+    return ds
+
+
 def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = True,
            center_crop: bool = True, random_flip: bool = False, min_size: int = 0, min_aesthetic: float | None = None,
            max_pwatermark: float | None = None, num_workers: int = 0, rank: int = 0, world_size: int = 1, **_):
@@ -123,8 +135,8 @@ def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer
             except Exception as e:  # a corrupt image: skip it, count it
                 _Skips.handler(e)
 
-    ds = wds.WebDataset(urls, resampled=resampled, shardshuffle=False if resampled else 100, handler=_Skips.handler,
-                        nodesplitter=(None if resampled else wds.split_by_node), seed=seed + rank, empty_check=False)
+    ds = webdataset(urls, seed + rank, resampled, shardshuffle=False if resampled else 100, handler=_Skips.handler,
+                    nodesplitter=(None if resampled else wds.split_by_node), empty_check=False)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, rng=random.Random(seed + rank))
     ds = ds.compose(process).batched(batch_size, collation_fn=_collate, partial=False)
