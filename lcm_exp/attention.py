@@ -31,7 +31,7 @@ SMALL_HEAD_DIM = 12  # at or below this head size the kernel below beats torch's
 MAX_SCORE_BYTES = 256 * 2 ** 20  # it holds P (B·H·L·S floats) from forward to backward: keep that bounded
 TILE_BYTES = 4 * 2 ** 20  # score rows of this many bytes are computed and used while they sit in cache
 UNSHIFTED_MIN_KEYS = 256  # rows of at least this many scores may skip softmax's max pass (see _forward)
-MAX_EXPONENT = 64.0  # ... when |log2(e)·Q Kᵀ| ≤ this: exp2 neither overflows nor leaves a row's sum subnormal
+MAX_EXPONENT = 32.0  # ... when |log2(e)·Q Kᵀ| <= this: E, l and dO / l stay normal (for |dO| > ~1e-26)
 LOG2E = 1.4426950408889634
 
 
@@ -69,7 +69,10 @@ class _Buffers:
 
     def give(self, buf: torch.Tensor) -> None:
         """Called from finalizers, i.e. from whatever code triggers a garbage collection, perhaps while this
-        thread holds the lock: it only queues the buffer, and files it if the lock is free right now."""
+        thread holds the lock: it only queues the buffer, and files it if the lock is free right now. A tensor
+        made under `torch.inference_mode` is dropped: outside it, nothing may write into it."""
+        if buf.is_inference():
+            return
         self.returned.append(buf)
         if self.lock.acquire(blocking=False):
             try:
@@ -98,11 +101,11 @@ class _Buffers:
 
 
 _P_BUFFERS = _Buffers(MAX_SCORE_BYTES)  # the kept P (E), given back when nothing can read it again
-_TILES = _Buffers(4 * TILE_BYTES)  # a call's scratch tile of scores, given back at the end of the call
+_TILES = _Buffers(16 * 2 ** 20)  # a call's scratch tile of scores, given back at the end of the call
 
 
 def release_buffers() -> None:
-    """Frees the buffers held for reuse (at most `MAX_SCORE_BYTES` of kept P and 4 tiles)."""
+    """Frees the buffers held for reuse (at most `MAX_SCORE_BYTES` of kept P and 16 MB of scratch tiles)."""
     _P_BUFFERS.clear()
     _TILES.clear()
 

@@ -76,12 +76,16 @@ def test_exp2_pass_only_where_no_exponent_can_overflow():
 
 def test_exponent_bound_bounds_the_scores():
     g = torch.Generator().manual_seed(0)
-    for scale in (0.5, 3.0, 10.0):  # both stages: √D max|x| each, then the row norms
+    cases = [(torch.full((6, 100, 4), 0.5), torch.full((6, 80, 4), 2.0))]  # aligned rows: √D max|x| is tight
+    for scale in (0.5, 3.0, 10.0):  # one large row: the row norms are the tighter bound (the second stage)
         q, k = torch.randn(6, 100, 4, generator=g) * scale, torch.randn(6, 80, 4, generator=g)
-        q[0, 0] = 8 * scale  # one large row: the norms bound is the tighter
+        q[0, 0] = 8 * scale
+        cases.append((q, k))
+    for q, k in cases:
         true = (torch.bmm(q, k.transpose(1, 2)).abs().amax() * attention.LOG2E).item()
         bound = attention._exponent_bound(q, k)
-        assert true <= bound <= 4 * true
+        assert true <= bound * (1 + 1e-6) and bound <= 4 * true
+    assert attention._exponent_bound(*cases[0]) <= attention.MAX_EXPONENT  # (the first stage answered)
 
 
 def test_auto_picks_the_kernel_only_for_small_heads_on_a_cpu():
@@ -237,6 +241,24 @@ def test_scratch_tiles_are_reused_from_call_to_call(monkeypatch):
     out.sum().backward()
     assert len(taken) == 3 and len({t.data_ptr() for t in taken}) == 1  # forward, forward, backward
     assert p.data_ptr() != taken[0].data_ptr() and attention._TILES.bytes == taken[0].nbytes
+    attention.release_buffers()
+
+
+def test_inference_mode_tiles_stay_out_of_the_pool():
+    """A tile made under torch.inference_mode is an inference tensor: nothing outside that mode may write into it,
+    so it must not be handed to a later training step."""
+    attention.release_buffers()
+    q = torch.randn(2, 8, 64, 4)
+    with torch.inference_mode():
+        small_head_attention(q, q, q)
+    assert attention._TILES.bytes == 0
+    with torch.no_grad():
+        small_head_attention(q, q, q)  # a normal tile: pooled, and then usable under inference_mode too
+    with torch.inference_mode():
+        small_head_attention(q, q, q)
+    qg = q.clone().requires_grad_()
+    small_head_attention(qg, qg, qg).sum().backward()
+    assert attention._TILES.bytes > 0 and not any(b.is_inference() for bs in attention._TILES.free.values() for b in bs)
     attention.release_buffers()
 
 

@@ -65,8 +65,8 @@ def _collate(samples):
 
 
 def loader(urls, batch_size: int, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, **_):
-    ds = webdataset(urls, seed + rank, resampled=True, shardshuffle=False, empty_check=False,
-                    handler=wds.warn_and_continue)
+    ds = webdataset(urls, seed + rank, resampled=True, shardshuffle=False, empty_check=False, nodesplitter=None,
+                    handler=wds.warn_and_continue)  # (each rank draws its own resampled stream, as wds.loader's)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, rng=random.Random(seed + rank))
     return ds.select(lambda s: "mean.npy" in s).decode().batched(batch_size, collation_fn=_collate, partial=False)

@@ -107,10 +107,12 @@ def webdataset(urls, seed: int, resampled: bool, **kwargs) -> wds.WebDataset:
     `ResampledShards` seeded with the pid, the clock and os.urandom, so the same seed would not give the same
     run. Ours is `deterministic` (the seed, the epoch, and the rank/worker)."""
     ds = wds.WebDataset(urls, resampled=resampled, seed=seed, **kwargs)
-    if resampled:
-        assert isinstance(ds.pipeline[0], wds.ResampledShards), ds.pipeline[0]
+    if resampled and isinstance(ds.pipeline[0], wds.ResampledShards):
         ds.pipeline[0] = wds.ResampledShards(urls, seed=seed, deterministic=True,
                                              empty_check=kwargs.get("empty_check", True))
+    elif resampled:  # a directory or a dataset spec: webdataset draws from it its own way
+        log.warning("data.urls=%s: its resampled shard order is webdataset's, not seeded by data.seed, so runs "
+                    "will not repeat; give shard paths or a brace range for a reproducible stream", urls)
     return ds
 
 
