@@ -178,18 +178,18 @@ class _SmallHeadAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         pooled = not _hooks_hold_saved()
         n, l, s = *q.shape[:2], k.shape[1]
-        o, p, rowsum = _forward(q, k, v, _P_BUFFERS.take((n, l, s), q) if pooled else q.new_empty(n, l, s))
-        ctx.save_for_backward(q, k, v, p, o, rowsum)
+        o, e, rowsum = _forward(q, k, v, _P_BUFFERS.take((n, l, s), q) if pooled else q.new_empty(n, l, s))
+        ctx.save_for_backward(q, k, v, e, o, rowsum)
         ctx.give_back = None
         if pooled:  # P's storage is reused once this graph is freed (or, see backward, once it lets go of P)
-            ctx.give_back = weakref.finalize(ctx, _P_BUFFERS.give, p)
+            ctx.give_back = weakref.finalize(ctx, _P_BUFFERS.give, e)
             ctx.give_back.atexit = False
         return o
 
     @staticmethod
     @once_differentiable  # (the products below write into buffers: no double backward)
     def backward(ctx, do):
-        q, k, v, p_all, o, rowsum = ctx.saved_tensors
+        q, k, v, e_all, o, rowsum = ctx.saved_tensors
         if ctx.give_back is not None:  # a kept graph (a stored loss) must not pin P after a backward that freed it
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_give_back_if_freed, ctx))
         n, l, d = q.shape
@@ -204,14 +204,14 @@ class _SmallHeadAttention(torch.autograd.Function):
         delta = (do * o).sum(-1, keepdim=True) if buf is not None else None  # rowsum(dÕ ∘ O) = rowsum(P ∘ dP) / l
         qt, kt, vt, dot = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), do.transpose(1, 2)
         for i, j in tiles:
-            p = p_all[i:j]
+            e = e_all[i:j]
             if need_v:
-                torch.bmm(dot[i:j], p, out=dvt[i:j])  # dVᵀ = dÕᵀ E
+                torch.bmm(dot[i:j], e, out=dvt[i:j])  # dVᵀ = dÕᵀ E
             if buf is None:
                 continue
             ds = buf[: j - i]
             torch.bmm(do[i:j], vt[i:j], out=ds)  # dP / l = dÕ Vᵀ
-            ds.sub_(delta[i:j]).mul_(p)  # dS = P ∘ (dP − rowsum(dO ∘ O)) = E ∘ (dP − rowsum(dO ∘ O)) / l
+            ds.sub_(delta[i:j]).mul_(e)  # dS = P ∘ (dP − rowsum(dO ∘ O)) = E ∘ (dP − rowsum(dO ∘ O)) / l
             if need_q:
                 torch.bmm(kt[i:j], ds.transpose(1, 2), out=dqt[i:j])  # dQᵀ = Kᵀ dSᵀ
             if need_k:
