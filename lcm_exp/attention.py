@@ -132,7 +132,7 @@ def _exponent_bound(q, k) -> float:
 def _forward(q, k, v, e_all: torch.Tensor | None = None):
     """O = softmax(Q Kᵀ) V (q comes scaled), a few heads at a time, as Oᵀ = Vᵀ Pᵀ. With `e_all` ([N, L, S]) the
     softmax's numerator E is kept there for a backward, with its row sums l ([N, 1, L]; P = E / l, and l is None
-    where E = P); without, only a tile of it exists at a time. Returns O, E, l.
+    where E = P); without, only a tile of it exists at a time. Returns O and l.
 
     softmax subtracts each row's max before its exp so that no exp overflows. Where |Q Kᵀ| is known to be small
     (`_exponent_bound` ≤ MAX_EXPONENT, as in the tiny teachers) no exp can overflow or leave a row without a
@@ -163,7 +163,7 @@ def _forward(q, k, v, e_all: torch.Tensor | None = None):
         _TILES.give(buf)
     if unshifted:
         ot.div_(rowsum)  # Oᵀ = Vᵀ Eᵀ / l = Vᵀ Pᵀ
-    return ot.transpose(1, 2), e_all, rowsum
+    return ot.transpose(1, 2), rowsum
 
 
 class _SmallHeadAttention(torch.autograd.Function):
@@ -178,7 +178,8 @@ class _SmallHeadAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         pooled = not _hooks_hold_saved()
         n, l, s = *q.shape[:2], k.shape[1]
-        o, e, rowsum = _forward(q, k, v, _P_BUFFERS.take((n, l, s), q) if pooled else q.new_empty(n, l, s))
+        e = _P_BUFFERS.take((n, l, s), q) if pooled else q.new_empty(n, l, s)
+        o, rowsum = _forward(q, k, v, e)
         ctx.save_for_backward(q, k, v, e, o, rowsum)
         ctx.give_back = None
         if pooled:  # P's storage is reused once this graph is freed (or, see backward, once it lets go of P)
@@ -239,7 +240,7 @@ def small_head_attention(query, key, value, scale: float | None = None):
     if _keeps_p(query, key, value):
         o = _SmallHeadAttention.apply(q, k, v)
     else:
-        o, _, _ = _forward(q, k, v)
+        o, _ = _forward(q, k, v)
     return o.reshape(b, h, l, d)
 
 
