@@ -17,20 +17,19 @@ from lcm_exp.config import register
 
 
 class Without(Ours):
-    """Our step with one module constant of `lcm_exp.attention` set to `value` while it runs."""
+    """Our step with `owner.attr` set to `value` while it runs."""
 
-    def __init__(self, s, cfg, name: str, constant: str, value):
+    def __init__(self, s, cfg, name: str, owner, attr: str, value):
         super().__init__(s, cfg, name=name)
-        self.constant, self.value = constant, value
+        self.owner, self.attr, self.value = owner, attr, value
 
     def step(self, generator):
-        pool = attention._P_BUFFERS if self.constant == "max_bytes" else attention
-        keep = getattr(pool, self.constant)
-        setattr(pool, self.constant, self.value)
+        keep = getattr(self.owner, self.attr)
+        setattr(self.owner, self.attr, self.value)
         try:
             return super().step(generator)
         finally:
-            setattr(pool, self.constant, keep)
+            setattr(self.owner, self.attr, keep)
 
 
 def main():
@@ -39,8 +38,8 @@ def main():
         cfg = compose("bench", overrides=sys.argv[1:])
     s = Setup(cfg)
     paths = [Reference(s), Ours(s),
-             Without(s, cfg.copy(), "ours_without_p_reuse", "max_bytes", 0),  # every P given back is dropped
-             Without(s, cfg.copy(), "ours_without_exp2_pass", "UNSHIFTED_MIN_KEYS", float("inf"))]
+             Without(s, cfg.copy(), "ours_without_p_reuse", attention._P_BUFFERS, "max_bytes", 0),  # P is dropped
+             Without(s, cfg.copy(), "ours_without_exp2_pass", attention, "UNSHIFTED_MIN_KEYS", float("inf"))]
     b = cfg.bench
     times, _ = time_interleaved(paths, s.acc.device, torch.Generator().manual_seed(0), b.warmup, b.rounds,
                                 b.steps_per_round)
