@@ -12,6 +12,7 @@ Timed steps are interleaved after warm-up.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
@@ -73,9 +74,12 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _activate(path, unets, attention: str) -> None:
+def _activate(path, unets, attention: str, threads: int) -> None:
     """The paths share UNets, so each runs with its own attention processors; switching walks every module,
-    so it happens only when another path ran last (`Setup.active`)."""
+    so it happens only when another path ran last (`Setup.active`). Each path's step starts with its own
+    OpenMP thread count (overlap_frozen halves it), set here, outside the timed steps."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     if path.s.active is not path:
         for m in unets:
             set_attention(m, attention)
@@ -105,7 +109,10 @@ class Reference:
 
     def activate(self) -> None:
         """Puts diffusers' default SDPA processors on the UNets it shares with ours (untimed: see run_bench)."""
-        _activate(self, (self.s.student.unet, self.s.teacher.unet, self.target), "sdpa")
+        _activate(self, (self.s.student.unet, self.s.teacher.unet, self.target), "sdpa", self.s.threads)
+
+    def drain(self) -> None:
+        """(Nothing of this path runs after its step returns.)"""
 
     def step(self, generator):
         s, acc = self.s, self.s.acc
@@ -197,12 +204,18 @@ class Ours:
 
     def activate(self) -> None:
         """Puts its own attention processors on the UNets it shares with the other paths."""
-        _activate(self, (self.s.student.unet, self.teacher.unet, self.ema.target), self.trainer.attention)
+        _activate(self, (self.s.student.unet, self.teacher.unet, self.ema.target), self.trainer.attention,
+                  self.trainer.step_threads)
 
     def step(self, generator):
+        """One step; with overlap_frozen the next one's teacher pass (the same batch again) runs during its
+        backward, as in training, and `drain` waits for it."""
         self.activate()
-        loss, _ = self.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm)
+        loss, _ = self.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm, upcoming=self.batch)
         return loss
+
+    def drain(self) -> None:
+        self.trainer.drain()
 
 
 class Setup:
@@ -229,6 +242,7 @@ class Setup:
         self.pixels, self.captions = batch["pixels"].to(device), batch["captions"]
         self.input_ids = self.tokenize(self.captions)
         self.active = None  # the path whose attention processors the shared UNets hold
+        self.threads = torch.get_num_threads()  # the reference's (and any path's without overlap_frozen)
 
     def shared_tensors(self) -> list:
         """What every path keeps resident: the student and the teacher's networks."""
@@ -244,6 +258,7 @@ class Setup:
 # `bench.ablate`: our step with one speed switch off, timed interleaved with the others (the overrides that undo it)
 ABLATIONS = {
     "parallel_chunks": ["trainer.parallel_chunks=1"],
+    "overlap_frozen": ["trainer.overlap_frozen=false"],
     "batched_cfg": ["trainer.batched_cfg=false"],
     "teacher_first": ["trainer.teacher_first=false"],
     "cached": ["bench.cached=false"],
@@ -265,10 +280,15 @@ def ablations(names) -> dict[str, list[str]]:
     return {n: ABLATIONS[n] for n in names}
 
 
-def inert(name: str, cfg: DictConfig, device: torch.device) -> str | None:
-    """Why switching `name` off would change nothing here (so its ablation would time our step twice), or None."""
+def inert(name: str, cfg: DictConfig, device: torch.device, ours=None) -> str | None:
+    """Why switching `name` off would change nothing here (so its ablation would time our step twice), or None.
+    `ours`: our step's trainer, for the switches that resolve at run time."""
     if variant(cfg, ABLATIONS[name]) == cfg:
         return "it is already off: " + " ".join(ABLATIONS[name])
+    if ours is not None and name == "overlap_frozen" and not ours.overlap:
+        return "trainer.overlap_frozen=auto is off here (it runs on a CPU with >= 2 threads)"
+    if ours is not None and name == "teacher_first" and ours.overlap:
+        return "overlap_frozen runs the frozen passes on their own thread, beside the student's forward"
     if name == "cast_frozen" and cfg.trainer.mixed_precision == "no":
         return "nothing is cast in fp32 (trainer.mixed_precision=no)"
     if name == "attention" and device.type != "cpu":
@@ -281,19 +301,13 @@ def variant(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def count_flops(path, seed: int) -> int:
-    """Model FLOPs of one step. The counter sees only its own thread, so chunks run in turn here (same FLOPs)."""
+    """Model FLOPs of one step. The counter sees only its own thread, so the step runs serially here (same
+    FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     trainer = getattr(path, "trainer", None)
-    chunks = trainer.chunks if trainer else 1
-    try:
-        if trainer:
-            trainer.chunks = 1
-        with FlopCounterMode(display=False) as counter:
-            path.step(torch.Generator().manual_seed(seed))
-    finally:
-        if trainer:
-            trainer.chunks = chunks
+    with trainer.serial() if trainer else contextlib.nullcontext(), FlopCounterMode(display=False) as counter:
+        path.step(torch.Generator().manual_seed(seed))
     return counter.get_total_flops()
 
 
@@ -303,6 +317,7 @@ def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_rou
     for _ in range(warmup):
         for p in paths:
             p.step(gen)
+            p.drain()
     times = {p.name: [] for p in paths}
     peak = {p.name: 0 for p in paths}
     for r in range(rounds):
@@ -310,10 +325,12 @@ def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_rou
             p.activate()  # (outside the timed steps)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(steps_per_round):
+            for i in range(steps_per_round):
                 _sync(device)
                 t0 = time.perf_counter()
                 p.step(gen)
+                if i == steps_per_round - 1:
+                    p.drain()  # work a step left running (overlap_frozen's next teacher pass) counts in the round
                 _sync(device)
                 times[p.name].append(time.perf_counter() - t0)
             if device.type == "cuda":
@@ -328,7 +345,7 @@ def run_bench(cfg: DictConfig) -> dict:
     device = s.acc.device
     paths = [Reference(s), Ours(s)]
     for n, ov in ablations(b.ablate).items():
-        if why := inert(n, cfg, device):
+        if why := inert(n, cfg, device, paths[1].trainer):
             log.info("bench.ablate: nothing to time without %s here: %s", n, why)
             continue
         paths.append(Ours(s, variant(cfg, ov), name=f"without_{n}"))
@@ -340,6 +357,7 @@ def run_bench(cfg: DictConfig) -> dict:
             if rest is None:
                 break
             p.step(gen)
+            p.drain()  # (a teacher pass it left running belongs to the step's peak)
             others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)
             resident = _unique_bytes(s.shared_tensors() + [t for q in paths for t in q.own()])
             peak[p.name] = resident - others + _proc_status("VmHWM") - rest
@@ -347,7 +365,7 @@ def run_bench(cfg: DictConfig) -> dict:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "batch_size": s.batch_size, "resolution": cfg.data.resolution,
               "mixed_precision": s.trainer.accelerator.mixed_precision, "steps_timed": len(times["ours"]),
-              "ours_parallel_chunks": paths[1].trainer.chunks}
+              "ours_parallel_chunks": paths[1].trainer.chunks, "ours_overlap_frozen": paths[1].trainer.overlap}
     for name, ts in times.items():
         med = statistics.median(ts)
         result |= {f"{name}_ms_median": 1000 * med, f"{name}_ms_min": 1000 * min(ts), f"{name}_ms_max": 1000 * max(ts),

@@ -155,6 +155,9 @@ class TrainerConfig:
     # CPU: each batch as N chunks whose loss and backward run at once, one thread each; auto = 2 on a CPU
     # (off by default: with attention=auto they no longer pay on two cores; lcm-exp-bench measures it)
     parallel_chunks: Any = 1
+    # the teacher's and the target's no-grad passes on a second thread, beside the student's forward and backward
+    # (same loss): auto = on a CPU with >= 2 threads | true | false
+    overlap_frozen: Any = "auto"
 
 
 @dataclass

@@ -136,10 +136,9 @@ class LCD:
         w = self.guidance.sample(bsz, device, generator)
         return Draw(t, t_prev, noise.to(device, latents.dtype), w)
 
-    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, generator: torch.Generator | None = None,
-             draw: "Draw | None" = None):
-        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1), with the draws given
-        or drawn from `generator`. The loss is a mean over the batch."""
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None,
+               draw: "Draw | None" = None) -> "Noised":
+        """A step's draws (given, or drawn from `generator`) and the noisy latents they make."""
         t, t_prev, noise, w = draw or self.draw(latents, generator)
         # z_{t_{n+k}} ~ N(√ᾱ z, (1 − ᾱ) I) (eq. 1).
         a = _bcast(self.alphas_cumprod[t], latents)
@@ -147,27 +146,55 @@ class LCD:
         # ω embedded as the student's timestep condition (§4.2).
         # (A student without a w input, LCM-LoRA, gets none: ω then acts only in the teacher's CFG.)
         w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype) if self.w_embedding_dim else None
+        return Noised(latents, noise, z_t, t, t_prev, w, w_emb)
+
+    @torch.no_grad()
+    def solver_step(self, x: "Noised", cond: dict, uncond: dict) -> torch.Tensor:
+        """ẑ_{t_n}, the point one skipping step nearer the data than z_{t_{n+k}}."""
+        if self.method == "ct":
+            # Consistency training (CM §5, Song et al. 2023): the unbiased single-sample estimate
+            # ẑ_{t_n} = √ᾱ_{t_n} z + √(1 − ᾱ_{t_n}) ε with the same ε, in place of the teacher's solver step.
+            a_prev = _bcast(self.alphas_cumprod[x.t_prev], x.latents)
+            return a_prev.sqrt() * x.latents + (1 - a_prev).sqrt() * x.noise
+        # ẑ_{t_n} = z_{t_{n+k}} + (1 + ω) Φ(...) − ω Φ(..., ∅): the guided solver step (eq. 8).
+        return self.solver(self.guided_teacher(cond, uncond, x.w), x.z_t, x.t, x.t_prev, self.alphas_cumprod)
+
+    @torch.no_grad()
+    def target_fn(self, x: "Noised", z_prev: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The target f_θ⁻(ẑ_{t_n}, ω, c, t_n) with the EMA weights."""
+        return self.consistency_fn(self.target, z_prev.to(x.latents.dtype), x.t_prev, x.w_emb, cond, frozen=True)
+
+    def online(self, x: "Noised", cond: dict) -> torch.Tensor:
+        """The online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7)."""
+        return self.consistency_fn(self.student, x.z_t, x.t, x.w_emb, cond)
+
+    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, generator: torch.Generator | None = None,
+             draw: "Draw | None" = None):
+        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1), with the draws given
+        or drawn from `generator`. The loss is a mean over the batch."""
+        x = self.noised(latents, generator, draw)
         # The no-grad passes (teacher, target) run before the online forward when `teacher_first`: the same
         # numbers, but the student's saved activations are not held across the teacher's batch (lower peak
         # memory) and are still warm in cache when the backward pass starts.
         if not self.teacher_first:
-            f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
-        with torch.no_grad():
-            if self.method == "ct":
-                # Consistency training (CM §5, Song et al. 2023): the unbiased single-sample estimate
-                # ẑ_{t_n} = √ᾱ_{t_n} z + √(1 − ᾱ_{t_n}) ε with the same ε, in place of the teacher's solver step.
-                a_prev = _bcast(self.alphas_cumprod[t_prev], latents)
-                z_prev = a_prev.sqrt() * latents + (1 - a_prev).sqrt() * noise
-            else:
-                # ẑ_{t_n} = z_{t_{n+k}} + (1 + ω) Φ(...) − ω Φ(..., ∅): the guided solver step (eq. 8).
-                z_prev = self.solver(self.guided_teacher(cond, uncond, w), z_t, t, t_prev, self.alphas_cumprod)
-            # Target f_θ⁻(ẑ_{t_n}, ω, c, t_n) with the EMA weights.
-            f_target = self.consistency_fn(self.target, z_prev.to(latents.dtype), t_prev, w_emb, cond, frozen=True)
+            f_online = self.online(x, cond)
+        f_target = self.target_fn(x, self.solver_step(x, cond, uncond), cond)
         if self.teacher_first:
-            # Online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7).
-            f_online = self.consistency_fn(self.student, z_t, t, w_emb, cond)
+            f_online = self.online(x, cond)
         # L = d(f_θ, f_θ⁻) (eq. 8), l2 or pseudo-Huber.
         return self.distance(f_online.float(), f_target.float())
+
+
+class Noised(NamedTuple):
+    """A step's inputs to the networks: the latents z, the draws, z_{t_{n+k}} and ω's embedding."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    z_t: torch.Tensor
+    t: torch.Tensor
+    t_prev: torch.Tensor
+    w: torch.Tensor
+    w_emb: torch.Tensor | None
 
 
 class Draw(NamedTuple):

@@ -2,7 +2,9 @@
 logging, checkpoints and resume. `conf/trainer/` builds it."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -19,6 +21,7 @@ from accelerate.utils import set_seed
 from .attention import set_attention
 from .ema import EMA
 from .lcd import LCD, split_cond
+from .overlap import FrozenThread
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -47,6 +50,9 @@ class Trainer:
     compile: bool = False  # torch.compile the student, teacher and target UNets (minutes of warm-up on a CPU)
     # CPU: the batch cut into chunks whose LCD loss and backward run at once, one thread each (same gradients)
     parallel_chunks: int | str = 1
+    # the teacher's and the target's passes on a second thread, overlapping the student's (same loss); auto: on
+    # a CPU with >= 2 threads
+    overlap_frozen: bool | str = "auto"
 
     def __post_init__(self):
         set_seed(self.seed)  # model initialisations (LoRA, from-scratch CT) and any unseeded draw
@@ -103,6 +109,12 @@ class Trainer:
         self.chunks = self._resolve_chunks(lcd, student)
         self._params = [p for p in self.unet.parameters() if p.requires_grad]
         self._threads = torch.get_num_threads()
+        self.overlap = self._resolve_overlap(lcd, student)
+        self._frozen = (FrozenThread(max(1, self._threads // 2), self._threads, self.accelerator.autocast)
+                        if self.overlap else None)
+        if self.overlap:
+            log.info("overlap_frozen: the teacher's and the target's passes run on a second thread; %d thread(s) "
+                     "each", self._frozen.threads)
         self._chunk_threads = max(1, self._threads // self.chunks)
         self._pool = ThreadPoolExecutor(self.chunks, thread_name_prefix="lcd-chunk") if self.chunks > 1 else None
         if self.chunks > 1:
@@ -141,6 +153,32 @@ class Trainer:
                              "Use trainer.parallel_chunks=1 (or auto, which picks 1 here).")
         return want
 
+    def _resolve_overlap(self, lcd: LCD, student) -> bool:
+        """Whether `overlap_frozen` runs here (lcm_exp/overlap.py): auto turns it on on a CPU with >= 2 threads,
+        where it cannot be wrong."""
+        want = self.overlap_frozen
+        if want not in (True, False, "auto"):
+            raise ValueError(f"trainer.overlap_frozen={want!r}: use auto, true or false")
+        cannot = []  # where the frozen passes may not run beside the student's
+        if lcd.method != "ct" and not isinstance(lcd.teacher, torch.nn.Module):
+            cannot.append("the teacher is the student with its adapters switched off (LCM-LoRA), one module whose "
+                          "adapters the two threads would switch under each other")
+        if any(getattr(m, "drop_prob", 0) > 0 or (isinstance(m, torch.nn.Dropout) and m.p > 0)
+               for m in student.unet.modules()):
+            cannot.append("the student draws dropout or stochastic-depth masks from torch's default generator, which "
+                          "the worker draws from too (the VAE's posterior sample; an online target), so the order "
+                          "of draws would not repeat")
+        if self.compile:
+            cannot.append("trainer.compile=true (compiled graphs are not called from two threads here)")
+        if self.chunks > 1:
+            cannot.append(f"trainer.parallel_chunks={self.chunks} already runs the step on {self.chunks} threads")
+        if want == "auto":
+            return self.accelerator.device.type == "cpu" and torch.get_num_threads() >= 2 and not cannot
+        if want and cannot:
+            raise ValueError(f"trainer.overlap_frozen=true cannot run here: {'; '.join(cannot)}. "
+                             "Use trainer.overlap_frozen=false (or auto, which turns it off here).")
+        return want
+
     def condition(self, teacher, batch: dict, generator: torch.Generator):
         """Step 1 of Alg. 1: z = E(x)·scale and the text conditions, or read them from a precomputed batch."""
         acc = self.accelerator
@@ -159,14 +197,20 @@ class Trainer:
             self._uncond = teacher.encode_prompts([""] * n, micro)  # else once: the empty prompt never changes
         return latents.contiguous(memory_format=self.memory_format), cond, self._uncond
 
-    def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float):
-        """One micro-step: the LCD loss, backward, and (when gradients sync) clip + optimiser + lr step."""
+    def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float, upcoming: dict | None = None):
+        """One micro-step: the LCD loss, backward, and (when gradients sync) clip + optimiser + lr step.
+        `upcoming`: the next micro-step's batch, whose teacher pass `overlap_frozen` runs during this backward."""
         acc = self.accelerator
+        if self._frozen:
+            self._frozen.step_threads()
         with acc.accumulate(self.unet), acc.autocast():
-            latents, cond, uncond = self.condition(teacher, batch, generator)
-            if self.chunks > 1 and latents.shape[0] > 1:
-                loss = self._chunked_loss_and_backward(latents, cond, uncond, generator)
+            if self._frozen:
+                loss = self._overlapped_loss(teacher, batch, generator, upcoming)
+                acc.backward(loss)
+            elif self.chunks > 1 and len(batch["captions"]) > 1:
+                loss = self._chunked_loss_and_backward(*self.condition(teacher, batch, generator), generator)
             else:
+                latents, cond, uncond = self.condition(teacher, batch, generator)
                 loss = self.lcd.loss(latents, cond, uncond, generator)
                 acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(self.unet.parameters(), max_grad_norm) if acc.sync_gradients else None
@@ -176,6 +220,51 @@ class Trainer:
         if acc.sync_gradients:
             self.ema.update()  # θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (Alg. 1)
         return loss.detach(), grad_norm
+
+    def _prepared(self, teacher, batch: dict, generator: torch.Generator):
+        """What a micro-step needs before θ: z and c, the draws, and the teacher's solver step ẑ_{t_n}."""
+        latents, cond, uncond = self.condition(teacher, batch, generator)
+        x = self.lcd.noised(latents, generator)
+        return x, cond, self.lcd.solver_step(x, cond, uncond)
+
+    def _overlapped_loss(self, teacher, batch: dict, generator: torch.Generator, upcoming: dict | None):
+        """The LCD loss with the frozen passes on the worker (lcm_exp/overlap.py): the target's beside the
+        student's forward, then the next micro-step's teacher pass beside this backward."""
+        lcd, frozen = self.lcd, self._frozen
+        x, cond, z_prev = frozen.take(batch, generator) or self._prepared(teacher, batch, generator)
+        f_target = frozen.submit(lcd.target_fn, x, z_prev, cond)
+        if upcoming is not None:
+            frozen.prepare_ahead(upcoming, generator, self._prepared, teacher, upcoming, generator)
+        f_online = lcd.online(x, cond)
+        return lcd.distance(f_online.float(), f_target.result().float())
+
+    @property
+    def step_threads(self) -> int:
+        """The calling thread's OpenMP threads while a step runs (half of them with overlap_frozen)."""
+        return self._frozen.threads if self._frozen else self._threads
+
+    def drain(self) -> None:
+        """Waits until no work of this trainer's runs on another thread (what it prepared ahead stays)."""
+        if self._frozen:
+            self._frozen.settle()
+
+    def settle(self) -> None:
+        """Between steps (validation, checkpoints, the end): drained, and the caller's threads as they were."""
+        if self._frozen:
+            self._frozen.pause()
+
+    @contextlib.contextmanager
+    def serial(self):
+        """Steps that run entirely on the calling thread (one chunk, no overlap), e.g. for a FLOP counter, which
+        sees only its own thread."""
+        chunks, frozen = self.chunks, self._frozen
+        if frozen:
+            frozen.drop()
+        try:
+            self.chunks, self._frozen = 1, None
+            yield self
+        finally:
+            self.chunks, self._frozen = chunks, frozen
 
     def _chunked_loss_and_backward(self, latents, cond, uncond, generator):
         """The batch's loss and gradients from `self.chunks` concurrent chunks. The random draws are made for the
@@ -216,15 +305,17 @@ class Trainer:
             self.load_checkpoint(resume_from)
             log.info("resumed from %s at step %d", resume_from, self.global_step)
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.global_step * 7919 + acc.process_index)
-        batches = iter(data)
+        # each micro-step's batch with the next one's (None after the last), for overlap_frozen's look-ahead
+        micro_steps = max(0, self.max_steps - self.global_step) * self.gradient_accumulation_steps
+        batches = itertools.pairwise(itertools.chain(itertools.islice(iter(data), micro_steps), [None]))
         stats: dict = {}
         window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "samples": 0, "skipped": 0}
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         while self.global_step < self.max_steps:
             for _ in range(self.gradient_accumulation_steps):
-                batch = next(batches)
-                loss, grad_norm = self.step(teacher, batch, generator, max_grad_norm)
+                batch, upcoming = next(batches)
+                loss, grad_norm = self.step(teacher, batch, generator, max_grad_norm, upcoming)
                 window["loss"] += loss.float().item()
                 window["n"] += 1
                 window["samples"] += len(batch["captions"]) * acc.num_processes
@@ -248,9 +339,12 @@ class Trainer:
                     on_log(self.global_step, stats)
                 window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "samples": 0, "skipped": 0}
             if on_validate and self.validation_every and self.global_step % self.validation_every == 0:
+                self.settle()
                 on_validate(self.global_step)
             if self.checkpoint_every and (self.global_step % self.checkpoint_every == 0 or last):
+                self.settle()
                 self.save_checkpoint(ckpt_extra or {})
+        self.settle()
         acc.wait_for_everyone()
         return stats
 
@@ -262,3 +356,4 @@ def apply_speed_switches(unet, channels_last: bool, attention: str) -> None:
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     set_attention(unet, attention)
+

@@ -27,7 +27,9 @@ class Without(Ours):
         keep = getattr(self.owner, self.attr)
         setattr(self.owner, self.attr, self.value)
         try:
-            return super().step(generator)
+            loss = super().step(generator)
+            self.drain()  # (overlap_frozen's next teacher pass runs with the setting too)
+            return loss
         finally:
             setattr(self.owner, self.attr, keep)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lcm_exp.bench import ABLATIONS, Ours, Reference, Setup, ablations, inert, variant
+from lcm_exp.bench import ABLATIONS, Ours, Reference, Setup, ablations, count_flops, inert, time_interleaved, variant
 from lcm_exp.cli import config_dir
 from lcm_exp.config import register
 
@@ -84,7 +84,72 @@ def test_ablations_that_would_change_nothing_are_named():
     assert "fp32" in inert("cast_frozen", cfg, cpu)
     assert inert("cast_frozen", compose_bench("trainer.mixed_precision=bf16"), cuda) is None
     assert inert("attention", cfg, cpu) is None and "SDPA" in inert("attention", cfg, cuda)
-    assert all(inert(n, cfg, cpu) is None for n in ("batched_cfg", "teacher_first", "cached", "fused_adamw", "all"))
+    assert all(inert(n, cfg, cpu) is None for n in ("batched_cfg", "teacher_first", "cached", "fused_adamw",
+                                                    "overlap_frozen", "all"))
+    assert "already off" in inert("overlap_frozen", compose_bench("trainer.overlap_frozen=false"), cpu)
+
+
+def test_bench_runs_overlap_frozen_at_half_the_threads_and_counts_its_flops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cfg = compose_bench(f"data.cache_dir={tmp_path}")
+        s = Setup(cfg)
+        ref, ours = Reference(s), Ours(s)
+        serial = Ours(s, variant(cfg, ABLATIONS["overlap_frozen"]), name="without_overlap_frozen")
+        assert ours.trainer.overlap and not serial.trainer.overlap
+        # each path starts its steps with its own thread count: the reference and the serial step all of them
+        for path, n in ((ours, 1), (ref, 2), (ours, 1), (serial, 2)):
+            path.activate()
+            assert torch.get_num_threads() == n
+        # with the overlap on, teacher_first orders nothing; with it off (here: one thread) it is named as off
+        assert "own thread" in inert("teacher_first", cfg, torch.device("cpu"), ours.trainer)
+        assert inert("overlap_frozen", cfg, torch.device("cpu"), ours.trainer) is None
+        assert "off here" in inert("overlap_frozen", cfg, torch.device("cpu"), serial.trainer)
+        # the FLOP counter sees its own thread only: the overlapped step is counted serially, so all its passes count
+        flops = count_flops(ours, 1)
+        assert flops == count_flops(serial, 1) > 0
+        # also with the next teacher pass already prepared (the attention kernel's pass choice may move with the
+        # trained weights, so not to the FLOP; a pass left uncounted would be a third of the step or more)
+        ours.step(torch.Generator().manual_seed(0))
+        assert count_flops(ours, 1) == pytest.approx(flops, rel=0.02)
+        ours.step(torch.Generator().manual_seed(0))  # and the overlap still works after it
+        ours.drain()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rounds_count_work_a_step_leaves_running():
+    """A step that returns with work still running (overlap_frozen's next teacher pass) is charged for it, and
+    the next path's steps never run beside it."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Lazy:
+        name, pool, futures = "lazy", ThreadPoolExecutor(1), []
+
+        def activate(self):
+            pass
+
+        def step(self, gen):
+            self.futures.append(self.pool.submit(time.sleep, 0.1))
+
+        def drain(self):
+            for f in self.futures:
+                f.result()
+
+    lazy, seen = Lazy(), []
+
+    class Busy(Lazy):
+        name = "busy"
+
+        def step(self, gen):
+            seen.append(all(f.done() for f in lazy.futures))
+
+    times, _ = time_interleaved([Busy(), lazy], torch.device("cpu"), None, warmup=1, rounds=2, steps_per_round=3)
+    assert len(times["lazy"]) == 6 and sum(times["lazy"]) >= 0.55  # six steps of 0.1 s each
+    assert seen and all(seen)
 
 
 def test_bench_command_prints_json_last(tmp_path):

@@ -1,0 +1,173 @@
+"""trainer.overlap_frozen: the teacher's and the target's passes on a second thread give the sequential run's
+losses and weights (bit for bit at equal thread counts), leave nothing running across validation and
+checkpoints, pass the worker's errors on, and refuse the setups where two threads would be wrong."""
+import threading
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from lcm_exp.bench import Setup
+from lcm_exp.cli import config_dir
+from lcm_exp.config import register
+from lcm_exp.lcd import LCD
+from lcm_exp.optim import lr_schedule
+
+
+def compose_bench(tmp_path, *overrides):
+    register()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("bench", overrides=["data.resolution=32", "trainer.batch_size=2", "trainer.cpu=true",
+                                           f"data.cache_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+class Parts:
+    """What `lcm_exp.runner.run` hands to `Trainer.fit`, built from a bench config (no Hydra job, no MLflow)."""
+
+    def __init__(self, cfg):
+        self.s = s = Setup(cfg)
+        self.trainer = s.trainer
+        self.ema = instantiate(cfg.ema)(online=s.student.unet)
+        self.optimizer = instantiate(cfg.optim)(params=s.student.trainable_parameters())
+        self.scheduler = lr_schedule(self.optimizer, "constant", 0, 10 ** 9)
+        self.lcd = LCD(student=s.student.unet, target=self.ema.target, teacher=s.teacher.unet,
+                       alphas_cumprod=s.alphas_cumprod, prediction_type=s.prediction_type,
+                       solver=instantiate(cfg.solver), skip=s.skip, guidance=instantiate(cfg.guidance),
+                       distance=s.distance, w_embedding_dim=s.student.w_embedding_dim,
+                       batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
+        self.data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size)
+
+    def fit(self, on_validate=None):
+        losses = {}
+        self.trainer.fit(self.lcd, self.s.teacher, self.s.student, self.ema, self.optimizer, self.scheduler, self.data,
+                         _NoTracker(), max_grad_norm=1.0, on_log=lambda step, stats: losses.update({step: stats["train/loss"]}),
+                         on_validate=on_validate)
+        return losses
+
+
+class _NoTracker:
+    def log_metrics(self, metrics, step):
+        pass
+
+
+RUN = ["trainer.max_steps=3", "trainer.gradient_accumulation_steps=2", "trainer.log_every=1",
+       "trainer.validation_every=2", "trainer.checkpoint_every=2"]
+
+
+def spy_threads(monkeypatch, parts):
+    """Which threads ran the teacher's solver step and the target pass, and how many OpenMP threads each had."""
+    seen = {"solver_step": [], "target_fn": []}
+    for name in seen:
+        method = getattr(parts.lcd, name)
+
+        def spy(*args, _method=method, _name=name):
+            seen[_name].append((threading.current_thread().name, torch.get_num_threads()))
+            return _method(*args)
+        monkeypatch.setattr(parts.lcd, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_overlap_repeats_the_sequential_run(tmp_path, monkeypatch, threads, n_threads):
+    monkeypatch.chdir(tmp_path)
+    threads(n_threads)
+    results = {}
+    for overlap in (True, False):
+        parts = Parts(compose_bench(tmp_path, *RUN, f"trainer.overlap_frozen={overlap}"))
+        seen = spy_threads(monkeypatch, parts)
+        hooks = []
+
+        def on_validate(step, parts=parts):  # validation sees no work running and the caller's full threads
+            hooks.append((step, torch.get_num_threads(), parts.trainer._frozen and parts.trainer._frozen._ahead))
+        losses = parts.fit(on_validate)
+        results[overlap] = losses, [p.detach().clone() for p in parts.s.student.unet.parameters()], seen, hooks
+        assert parts.trainer.overlap is overlap and torch.get_num_threads() == n_threads  # (given back at the end)
+
+    (losses_o, weights_o, seen_o, hooks_o), (losses_s, weights_s, seen_s, _) = results[True], results[False]
+    assert sorted(losses_o) == [1, 2, 3] and len(set(losses_s.values())) == 3
+    if n_threads == 1:  # one OpenMP thread per stream either way: the same operations, bit for bit
+        assert losses_o == losses_s
+        assert all(torch.equal(a, b) for a, b in zip(weights_o, weights_s))
+    else:  # two threads against one per stream: fp32 summation order only
+        for step in losses_s:
+            assert losses_o[step] == pytest.approx(losses_s[step], rel=1e-4)
+        assert max(((a - b).norm() / b.norm()).item() for a, b in zip(weights_o, weights_s)) < 1e-3
+    # six micro-steps, six teacher passes (none prepared past the last) and six target passes
+    assert len(seen_o["solver_step"]) == len(seen_o["target_fn"]) == len(seen_s["solver_step"]) == 6
+    # all but the first teacher pass and every target pass ran on the worker, with half the threads
+    half = max(1, n_threads // 2)
+    assert all(s == ("lcd-frozen_0", half) for s in seen_o["solver_step"][1:] + seen_o["target_fn"])
+    assert seen_o["solver_step"][0][0] == threading.current_thread().name
+    assert all(name == threading.current_thread().name for name, _ in seen_s["solver_step"] + seen_s["target_fn"])
+    # at step 2 the next micro-step's teacher pass was prepared (done, kept); the hook ran with all threads
+    assert [(step, n) for step, n, _ in hooks_o] == [(2, n_threads)]
+    assert hooks_o[0][2] is not None and hooks_o[0][2][2].done()
+
+
+def test_worker_errors_reach_the_caller(tmp_path, monkeypatch, threads):
+    monkeypatch.chdir(tmp_path)
+    threads(2)
+    parts = Parts(compose_bench(tmp_path, "trainer.max_steps=2"))
+    names = []
+
+    def broken(*args):
+        names.append(threading.current_thread().name)
+        raise RuntimeError("target exploded")
+    monkeypatch.setattr(parts.lcd, "target_fn", broken)
+    with pytest.raises(RuntimeError, match="target exploded"):
+        parts.fit()
+    assert parts.trainer.overlap and names == ["lcd-frozen_0"]  # auto, on two threads: raised on the worker
+
+
+def test_auto_turns_on_for_a_multicore_cpu_only(tmp_path, monkeypatch, threads):
+    monkeypatch.chdir(tmp_path)
+    threads(2)
+    parts = Parts(compose_bench(tmp_path))
+    trainer = parts.trainer
+    trainer.prepare(parts.lcd, parts.s.student, parts.ema, parts.optimizer, parts.scheduler)
+    assert trainer.overlap and trainer.step_threads == 1
+    threads(1)
+    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is False
+    trainer.overlap_frozen = True  # asked for: one thread per stream
+    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is True
+    threads(2)
+    trainer.overlap_frozen, trainer.compile = "auto", True
+    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is False
+    trainer.overlap_frozen = True
+    with pytest.raises(ValueError, match="trainer.compile=true"):
+        trainer._resolve_overlap(parts.lcd, parts.s.student)
+    trainer.compile, trainer.chunks = False, 2
+    with pytest.raises(ValueError, match="parallel_chunks=2"):
+        trainer._resolve_overlap(parts.lcd, parts.s.student)
+    trainer.chunks, trainer.overlap_frozen = 1, "yes"
+    with pytest.raises(ValueError, match="auto, true or false"):
+        trainer._resolve_overlap(parts.lcd, parts.s.student)
+
+
+@pytest.mark.parametrize("override,message", [("student=lora", "LCM-LoRA"),
+                                              ("student.stochastic_depth=0.1", "stochastic-depth")])
+def test_overlap_refuses_shared_modules_and_shared_draws(tmp_path, monkeypatch, threads, override, message):
+    monkeypatch.chdir(tmp_path)
+    threads(2)
+    parts = Parts(compose_bench(tmp_path, override))
+    if override == "student=lora":
+        parts.lcd.teacher = parts.s.student.teacher_unet  # the student with its adapters off
+    trainer = parts.trainer
+    trainer.chunks = 1
+    trainer.overlap_frozen = "auto"
+    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is False  # auto: quietly off
+    trainer.overlap_frozen = True
+    with pytest.raises(ValueError, match=message) as e:
+        trainer._resolve_overlap(parts.lcd, parts.s.student)
+    assert "trainer.overlap_frozen=false" in str(e.value)
+    if override == "student=lora":  # consistency training has no teacher pass: nothing shared
+        parts.lcd.method = "ct"
+        assert trainer._resolve_overlap(parts.lcd, parts.s.student) is True
