@@ -267,6 +267,8 @@ def validate(cfg: DictConfig) -> None:
          cfg.trainer.gradient_accumulation_steps, ">= 1"),
         (cfg.trainer.attention in ATTENTION_MODES, "trainer.attention", cfg.trainer.attention,
          "one of " + ", ".join(ATTENTION_MODES)),
+        (cfg.trainer.overlap_frozen in (True, False, "auto"), "trainer.overlap_frozen", cfg.trainer.overlap_frozen,
+         "auto, true or false"),
         (cfg.trainer.mixed_precision in ("no", "fp16", "bf16"), "trainer.mixed_precision",
          cfg.trainer.mixed_precision, "one of no, fp16, bf16"),
         (cfg.trainer.resume in (None, "latest") or "/" in str(cfg.trainer.resume) or "checkpoint-" in str(cfg.trainer.resume),

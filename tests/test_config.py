@@ -87,6 +87,7 @@ def test_misspelt_key_or_wrong_type_fails_at_composition(override, exc, needle):
     (["trainer.mixed_precision=fp8"], "trainer.mixed_precision"),
     (["data.resolution=30"], "data.resolution"),
     (["trainer.attention=flash"], "trainer.attention"),
+    (["trainer.overlap_frozen=yes"], "trainer.overlap_frozen"),
 ])
 def test_impossible_values_are_rejected_naming_the_key(override, needle):
     cfg = compose("config", overrides=override)
