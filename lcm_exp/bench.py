@@ -300,6 +300,14 @@ def variant(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
 
 
+def ablation(cfg: DictConfig, ours, overrides: list[str]) -> DictConfig:
+    """Our config with one switch off and nothing else changed: the switches that resolve at run time are
+    pinned to what they resolved to for `ours` (our step's trainer); e.g. without its chunks, `overlap_frozen=auto`
+    would turn on."""
+    pinned = [f"trainer.parallel_chunks={ours.chunks}", f"trainer.overlap_frozen={str(ours.overlap).lower()}"]
+    return variant(cfg, pinned + overrides)
+
+
 def count_flops(path, seed: int) -> int:
     """Model FLOPs of one step. The counter sees only its own thread, so the step runs serially here (same
     FLOPs)."""
@@ -312,8 +320,10 @@ def count_flops(path, seed: int) -> int:
 
 
 def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_round: int):
-    """Each path's step times (s) and, on CUDA, peak memory (bytes): the paths take turns, `steps_per_round`
-    steps each, in alternating order, after `warmup` steps each."""
+    """Each path's mean step time in each round (s) and, on CUDA, peak memory (bytes): the paths take turns,
+    `steps_per_round` steps each, in alternating order, after `warmup` steps each. A round is timed whole, up
+    to the end of any work its steps left running (overlap_frozen's next teacher pass), so every path is
+    charged for all it does and no path's work runs beside another's."""
     for _ in range(warmup):
         for p in paths:
             p.step(gen)
@@ -325,14 +335,13 @@ def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_rou
             p.activate()  # (outside the timed steps)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for i in range(steps_per_round):
-                _sync(device)
-                t0 = time.perf_counter()
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
                 p.step(gen)
-                if i == steps_per_round - 1:
-                    p.drain()  # work a step left running (overlap_frozen's next teacher pass) counts in the round
-                _sync(device)
-                times[p.name].append(time.perf_counter() - t0)
+            p.drain()
+            _sync(device)
+            times[p.name].append((time.perf_counter() - t0) / steps_per_round)
             if device.type == "cuda":
                 others = sum(_bytes(q.exclusive(p)) for q in paths if q is not p)  # held only for the other paths
                 peak[p.name] = max(peak[p.name], torch.cuda.max_memory_allocated(device) - others)
@@ -340,15 +349,24 @@ def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_rou
 
 
 def run_bench(cfg: DictConfig) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        return _run_bench(cfg)
+    finally:  # (the paths set their own thread counts; a later bench in this process must find the original)
+        torch.set_num_threads(threads)
+
+
+def _run_bench(cfg: DictConfig) -> dict:
     b = cfg.bench
     s = Setup(cfg)
     device = s.acc.device
     paths = [Reference(s), Ours(s)]
+    ours = paths[1].trainer
     for n, ov in ablations(b.ablate).items():
-        if why := inert(n, cfg, device, paths[1].trainer):
+        if why := inert(n, cfg, device, ours):
             log.info("bench.ablate: nothing to time without %s here: %s", n, why)
             continue
-        paths.append(Ours(s, variant(cfg, ov), name=f"without_{n}"))
+        paths.append(Ours(s, ablation(cfg, ours, ov), name=f"without_{n}"))
     gen = torch.Generator().manual_seed(0)
     times, peak = time_interleaved(paths, device, gen, b.warmup, b.rounds, b.steps_per_round)
     if device.type == "cpu":  # untimed (it trims the heap): the resident tensors + how far the steps raise the RSS
@@ -364,7 +382,8 @@ def run_bench(cfg: DictConfig) -> dict:
     flops = {p.name: count_flops(p, 1) for p in paths[:2]} if b.flops else {}
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "batch_size": s.batch_size, "resolution": cfg.data.resolution,
-              "mixed_precision": s.trainer.accelerator.mixed_precision, "steps_timed": len(times["ours"]),
+              "mixed_precision": s.trainer.accelerator.mixed_precision,
+              "steps_timed": len(times["ours"]) * b.steps_per_round,
               "ours_parallel_chunks": paths[1].trainer.chunks, "ours_overlap_frozen": paths[1].trainer.overlap}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -392,7 +411,7 @@ def report(result: dict) -> str:
     width = max(map(len, names))
     for name in names:
         mem = result.get(f"{name}_peak_mem_mb")
-        lines.append(f"{name:>{width}}: {result[f'{name}_samples_per_s']:8.2f} samples/s  ms/step median "
+        lines.append(f"{name:>{width}}: {result[f'{name}_samples_per_s']:8.2f} samples/s  ms/step (round means) median "
                      f"{result[f'{name}_ms_median']:.1f} (min {result[f'{name}_ms_min']:.1f}, max "
                      f"{result[f'{name}_ms_max']:.1f})" + (f"  peak {mem:.0f} MB" if mem is not None else "")
                      + (f"  {result[f'{name}_tflop_per_s']:.1f} TFLOP/s" if f"{name}_tflop_per_s" in result else ""))

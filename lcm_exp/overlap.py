@@ -28,14 +28,15 @@ def _use_threads(n: int) -> None:
 class FrozenThread:
     """One worker thread for no-grad work, plus at most one micro-step prepared ahead of time.
 
-    `threads` OpenMP threads run each of the two streams: the worker's, and the caller's while a step runs
-    (`Trainer.step` sets it); `pause()` hands the caller back `full` threads between steps (validation,
-    checkpoints, the end of training)."""
+    While a step runs the caller's thread has `threads` OpenMP threads (`Trainer.step` sets it) and the worker
+    `full // 2` (at least one); `pause()` gives the caller back `full` between steps (validation, checkpoints,
+    the end)."""
 
-    def __init__(self, threads: int, full: int, context: Callable[[], AbstractContextManager]):
-        self.threads, self.full, self.context = threads, full, context
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lcd-frozen", initializer=_use_threads,
-                                       initargs=(threads,))
+    def __init__(self, full: int, context: Callable[[], AbstractContextManager]):
+        self.full, self.context = full, context
+        self.threads = full - full // 2  # the caller's (the student's forward and backward: the longer stream)
+        self.worker_threads = max(1, full // 2)
+        self.pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[object, object, Future] | None = None  # (batch, generator, its prepared inputs)
 
     def submit(self, fn: Callable, *args) -> Future:
@@ -43,6 +44,9 @@ class FrozenThread:
         def run():
             with torch.no_grad(), self.context():
                 return fn(*args)
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lcd-frozen", initializer=_use_threads,
+                                           initargs=(self.worker_threads,))
         return self.pool.submit(run)
 
     def prepare_ahead(self, batch, generator, fn: Callable, *args) -> None:
@@ -73,5 +77,17 @@ class FrozenThread:
 
     def pause(self) -> None:
         """Between steps: the worker idle, and the caller's thread count back to `full`."""
-        self.settle()
+        try:
+            self.settle()
+        finally:
+            _use_threads(self.full)
+
+    def close(self) -> None:
+        """After training, or when a step failed: what was prepared ahead dropped (cancelled if not started; its
+        error, if any, not raised: the caller's own error is the one to see), the worker thread gone (a later
+        `submit` starts another) and the caller's threads back to `full`."""
+        self._ahead = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
         _use_threads(self.full)

@@ -110,11 +110,10 @@ class Trainer:
         self._params = [p for p in self.unet.parameters() if p.requires_grad]
         self._threads = torch.get_num_threads()
         self.overlap = self._resolve_overlap(lcd, student)
-        self._frozen = (FrozenThread(max(1, self._threads // 2), self._threads, self.accelerator.autocast)
-                        if self.overlap else None)
+        self._frozen = FrozenThread(self._threads, self.accelerator.autocast) if self.overlap else None
         if self.overlap:
-            log.info("overlap_frozen: the teacher's and the target's passes run on a second thread; %d thread(s) "
-                     "each", self._frozen.threads)
+            log.info("overlap_frozen: the teacher's and the target's passes run on a second thread (%d OpenMP "
+                     "thread(s) there, %d for the student's)", self._frozen.worker_threads, self._frozen.threads)
         self._chunk_threads = max(1, self._threads // self.chunks)
         self._pool = ThreadPoolExecutor(self.chunks, thread_name_prefix="lcd-chunk") if self.chunks > 1 else None
         if self.chunks > 1:
@@ -163,11 +162,16 @@ class Trainer:
         if lcd.method != "ct" and not isinstance(lcd.teacher, torch.nn.Module):
             cannot.append("the teacher is the student with its adapters switched off (LCM-LoRA), one module whose "
                           "adapters the two threads would switch under each other")
-        if any(getattr(m, "drop_prob", 0) > 0 or (isinstance(m, torch.nn.Dropout) and m.p > 0)
-               for m in student.unet.modules()):
-            cannot.append("the student draws dropout or stochastic-depth masks from torch's default generator, which "
-                          "the worker draws from too (the VAE's posterior sample; an online target), so the order "
-                          "of draws would not repeat")
+        # (every draw of the worker's is the step generator's, except an online target's own dropout masks)
+        random = any(getattr(m, "drop_prob", 0) > 0 or (isinstance(m, torch.nn.Dropout) and m.p > 0)
+                     for m in student.unet.modules())
+        if random and lcd.target is student.unet:
+            cannot.append("the target is the online student (student.ema_target=false), whose dropout or "
+                          "stochastic-depth masks two threads would draw from torch's default generator in no "
+                          "fixed order")
+        if self.accelerator.device.type != "cpu":
+            cannot.append(f"the device is {self.accelerator.device.type}: on a GPU the passes queue on one stream "
+                          "anyway (overlap_frozen is a CPU switch)")
         if self.compile:
             cannot.append("trainer.compile=true (compiled graphs are not called from two threads here)")
         if self.chunks > 1:
@@ -189,7 +193,7 @@ class Trainer:
             latents = (mean + std * noise).float() * teacher.vae.config.scaling_factor
             cond = {"encoder_hidden_states": batch["encoder_hidden_states"].to(acc.device)}
         else:
-            latents = teacher.encode_images(batch["pixels"].to(acc.device))
+            latents = teacher.encode_images(batch["pixels"].to(acc.device), generator)
             cond = teacher.encode_prompts(batch["captions"], micro)
         n = latents.shape[0]
         stale = self._uncond is None or next(iter(self._uncond.values())).shape[0] != n
@@ -197,7 +201,8 @@ class Trainer:
             self._uncond = teacher.encode_prompts([""] * n, micro)  # else once: the empty prompt never changes
         return latents.contiguous(memory_format=self.memory_format), cond, self._uncond
 
-    def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float, upcoming: dict | None = None):
+    def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float,
+             upcoming: dict | None = None):
         """One micro-step: the LCD loss, backward, and (when gradients sync) clip + optimiser + lr step.
         `upcoming`: the next micro-step's batch, whose teacher pass `overlap_frozen` runs during this backward."""
         acc = self.accelerator
@@ -312,39 +317,43 @@ class Trainer:
         window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "samples": 0, "skipped": 0}
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        while self.global_step < self.max_steps:
-            for _ in range(self.gradient_accumulation_steps):
-                batch, upcoming = next(batches)
-                loss, grad_norm = self.step(teacher, batch, generator, max_grad_norm, upcoming)
-                window["loss"] += loss.float().item()
-                window["n"] += 1
-                window["samples"] += len(batch["captions"]) * acc.num_processes
-                window["skipped"] += batch.get("n_skipped", 0)
-            self.global_step += 1
-            last = self.global_step == self.max_steps
-            if self.global_step % self.log_every == 0 or last:
-                dt = time.perf_counter() - window["t0"]
-                stats = {"train/loss": window["loss"] / window["n"], "train/lr": self.lr_scheduler.get_last_lr()[0],
-                         "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                         "train/samples_per_s": window["samples"] / dt,
-                         "train/step_time_ms": 1000 * dt / max(1, window["n"] // self.gradient_accumulation_steps),
-                         "data/skipped": window["skipped"]}
-                if acc.device.type == "cuda":
-                    stats["train/peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-                if acc.is_main_process:
-                    tracker.log_metrics(stats, self.global_step)
-                    log.info("step %d/%d loss %.5f lr %.2e", self.global_step, self.max_steps, stats["train/loss"],
-                             stats["train/lr"])
-                if on_log:
-                    on_log(self.global_step, stats)
-                window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "samples": 0, "skipped": 0}
-            if on_validate and self.validation_every and self.global_step % self.validation_every == 0:
-                self.settle()
-                on_validate(self.global_step)
-            if self.checkpoint_every and (self.global_step % self.checkpoint_every == 0 or last):
-                self.settle()
-                self.save_checkpoint(ckpt_extra or {})
-        self.settle()
+        try:
+            while self.global_step < self.max_steps:
+                for _ in range(self.gradient_accumulation_steps):
+                    batch, upcoming = next(batches)
+                    loss, grad_norm = self.step(teacher, batch, generator, max_grad_norm, upcoming)
+                    window["loss"] += loss.float().item()
+                    window["n"] += 1
+                    window["samples"] += len(batch["captions"]) * acc.num_processes
+                    window["skipped"] += batch.get("n_skipped", 0)
+                self.global_step += 1
+                last = self.global_step == self.max_steps
+                if self.global_step % self.log_every == 0 or last:
+                    dt = time.perf_counter() - window["t0"]
+                    stats = {"train/loss": window["loss"] / window["n"], "train/lr": self.lr_scheduler.get_last_lr()[0],
+                             "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                             "train/samples_per_s": window["samples"] / dt,
+                             "train/step_time_ms": 1000 * dt / max(1, window["n"] // self.gradient_accumulation_steps),
+                             "data/skipped": window["skipped"]}
+                    if acc.device.type == "cuda":
+                        stats["train/peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+                    if acc.is_main_process:
+                        tracker.log_metrics(stats, self.global_step)
+                        log.info("step %d/%d loss %.5f lr %.2e", self.global_step, self.max_steps, stats["train/loss"],
+                                 stats["train/lr"])
+                    if on_log:
+                        on_log(self.global_step, stats)
+                    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "samples": 0, "skipped": 0}
+                if on_validate and self.validation_every and self.global_step % self.validation_every == 0:
+                    self.settle()
+                    on_validate(self.global_step)
+                if self.checkpoint_every and (self.global_step % self.checkpoint_every == 0 or last):
+                    self.settle()
+                    self.save_checkpoint(ckpt_extra or {})
+            self.settle()  # (raises what the worker raised)
+        finally:  # also when a step or a hook failed: nothing left running, all threads back
+            if self._frozen:
+                self._frozen.close()
         acc.wait_for_everyone()
         return stats
 

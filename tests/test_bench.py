@@ -8,7 +8,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lcm_exp.bench import ABLATIONS, Ours, Reference, Setup, ablations, count_flops, inert, time_interleaved, variant
+from lcm_exp.bench import (ABLATIONS, Ours, Reference, Setup, ablation, ablations, count_flops, inert, run_bench,
+                           time_interleaved, variant)
 from lcm_exp.cli import config_dir
 from lcm_exp.config import register
 
@@ -148,8 +149,43 @@ def test_rounds_count_work_a_step_leaves_running():
             seen.append(all(f.done() for f in lazy.futures))
 
     times, _ = time_interleaved([Busy(), lazy], torch.device("cpu"), None, warmup=1, rounds=2, steps_per_round=3)
-    assert len(times["lazy"]) == 6 and sum(times["lazy"]) >= 0.55  # six steps of 0.1 s each
+    assert len(times["lazy"]) == 2 and min(times["lazy"]) >= 0.095  # per round: the mean of three 0.1 s steps
     assert seen and all(seen)
+
+
+def test_ablations_change_their_own_switch_only(tmp_path, monkeypatch):
+    """Switches that resolve at run time keep ours' values in an ablation: without chunks, overlap_frozen=auto
+    would turn on and the ablation would time the overlap instead of the serial step."""
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cfg = compose_bench(f"data.cache_dir={tmp_path}", "trainer.parallel_chunks=2")
+        s = Setup(cfg)
+        ours = Ours(s).trainer
+        assert ours.chunks == 2 and not ours.overlap
+        without = Ours(s, ablation(cfg, ours, ABLATIONS["parallel_chunks"])).trainer
+        assert without.chunks == 1 and not without.overlap
+        assert Ours(s, variant(cfg, ABLATIONS["parallel_chunks"])).trainer.overlap  # (what pinning prevents)
+        cfg = compose_bench(f"data.cache_dir={tmp_path}")
+        ours = Ours(Setup(cfg)).trainer
+        assert ours.overlap and ablation(cfg, ours, ABLATIONS["attention"]).trainer.overlap_frozen is True
+        assert ablation(cfg, ours, ABLATIONS["all"]).trainer.overlap_frozen is False
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bench_gives_the_threads_back(tmp_path, monkeypatch):
+    """The overlapped path runs its steps at half the threads; a later bench (a multirun) must not inherit that."""
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = run_bench(compose_bench(f"data.cache_dir={tmp_path}", "bench.warmup=0", "bench.rounds=1",
+                                         "bench.steps_per_round=1"))
+        assert result["ours_overlap_frozen"] is True and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bench_command_prints_json_last(tmp_path):

@@ -53,9 +53,10 @@ class Teacher:
         return self
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] (B, 3, H, W) → latents z = E(x)·scaling_factor (LCM paper §4.1)."""
-        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) → latents z = E(x)·scaling_factor (LCM paper §4.1), the posterior sampled
+        with `generator` (torch's default generator without one)."""
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator=generator)
         return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()
