@@ -31,6 +31,7 @@ from .attention import release_buffers, set_attention
 from .guidance import guidance_embedding
 from .lcd import LCD, boundary_scalings, x0_and_eps
 from .optim import lr_schedule
+from .overlap import use_threads
 
 log = logging.getLogger(__name__)
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -78,8 +79,7 @@ def _activate(path, unets, attention: str, threads: int) -> None:
     """The paths share UNets, so each runs with its own attention processors; switching walks every module,
     so it happens only when another path ran last (`Setup.active`). Each path's step starts with its own
     OpenMP thread count (overlap_frozen halves it), set here, outside the timed steps."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     if path.s.active is not path:
         for m in unets:
             set_attention(m, attention)

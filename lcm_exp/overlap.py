@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 
-def _use_threads(n: int) -> None:
+def use_threads(n: int) -> None:
+    """The calling thread's OpenMP threads (torch.set_num_threads), set only when they change."""
     if torch.get_num_threads() != n:  # (setting it clears oneDNN's primitive cache: only when it changes)
         torch.set_num_threads(n)
 
@@ -45,7 +46,7 @@ class FrozenThread:
             with torch.no_grad(), self.context():
                 return fn(*args)
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lcd-frozen", initializer=_use_threads,
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lcd-frozen", initializer=use_threads,
                                            initargs=(self.worker_threads,))
         return self.pool.submit(run)
 
@@ -63,24 +64,20 @@ class FrozenThread:
         result = future.result()  # (raises what the worker raised)
         return result if b is batch and g is generator else None
 
-    def settle(self) -> None:
+    def drain(self) -> None:
         """Waits until the worker is idle; what it prepared stays for the step it belongs to."""
         if self._ahead is not None:
             self._ahead[2].result()
 
-    def drop(self) -> None:
-        self.settle()
-        self._ahead = None
-
     def step_threads(self) -> None:
-        _use_threads(self.threads)
+        use_threads(self.threads)
 
     def pause(self) -> None:
         """Between steps: the worker idle, and the caller's thread count back to `full`."""
         try:
-            self.settle()
+            self.drain()
         finally:
-            _use_threads(self.full)
+            use_threads(self.full)
 
     def close(self) -> None:
         """After training, or when a step failed: what was prepared ahead dropped (cancelled if not started; its
@@ -90,4 +87,4 @@ class FrozenThread:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-        _use_threads(self.full)
+        use_threads(self.full)

@@ -251,9 +251,9 @@ class Trainer:
     def drain(self) -> None:
         """Waits until no work of this trainer's runs on another thread (what it prepared ahead stays)."""
         if self._frozen:
-            self._frozen.settle()
+            self._frozen.drain()
 
-    def settle(self) -> None:
+    def pause(self) -> None:
         """Between steps (validation, checkpoints, the end): drained, and the caller's threads as they were."""
         if self._frozen:
             self._frozen.pause()
@@ -264,7 +264,7 @@ class Trainer:
         sees only its own thread."""
         chunks, frozen = self.chunks, self._frozen
         if frozen:
-            frozen.drop()
+            frozen.close()
         try:
             self.chunks, self._frozen = 1, None
             yield self
@@ -345,12 +345,12 @@ class Trainer:
                         on_log(self.global_step, stats)
                     window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "samples": 0, "skipped": 0}
                 if on_validate and self.validation_every and self.global_step % self.validation_every == 0:
-                    self.settle()
+                    self.pause()
                     on_validate(self.global_step)
                 if self.checkpoint_every and (self.global_step % self.checkpoint_every == 0 or last):
-                    self.settle()
+                    self.pause()
                     self.save_checkpoint(ckpt_extra or {})
-            self.settle()  # (raises what the worker raised)
+            self.pause()  # (raises what the worker raised)
         finally:  # also when a step or a hook failed: nothing left running, all threads back
             if self._frozen:
                 self._frozen.close()
