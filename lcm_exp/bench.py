@@ -353,7 +353,7 @@ def run_bench(cfg: DictConfig) -> dict:
     try:
         return _run_bench(cfg)
     finally:  # (the paths set their own thread counts; a later bench in this process must find the original)
-        torch.set_num_threads(threads)
+        use_threads(threads)
 
 
 def _run_bench(cfg: DictConfig) -> dict:
@@ -384,7 +384,7 @@ def _run_bench(cfg: DictConfig) -> dict:
               "batch_size": s.batch_size, "resolution": cfg.data.resolution,
               "mixed_precision": s.trainer.accelerator.mixed_precision,
               "steps_timed": len(times["ours"]) * b.steps_per_round,
-              "ours_parallel_chunks": paths[1].trainer.chunks, "ours_overlap_frozen": paths[1].trainer.overlap}
+              "ours_parallel_chunks": ours.chunks, "ours_overlap_frozen": ours.overlap}
     for name, ts in times.items():
         med = statistics.median(ts)
         result |= {f"{name}_ms_median": 1000 * med, f"{name}_ms_min": 1000 * min(ts), f"{name}_ms_max": 1000 * max(ts),

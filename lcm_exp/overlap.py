@@ -69,9 +69,6 @@ class FrozenThread:
         if self._ahead is not None:
             self._ahead[2].result()
 
-    def step_threads(self) -> None:
-        use_threads(self.threads)
-
     def pause(self) -> None:
         """Between steps: the worker idle, and the caller's thread count back to `full`."""
         try:

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from .attention import set_attention
 from .ema import EMA
 from .lcd import LCD, split_cond
-from .overlap import FrozenThread
+from .overlap import FrozenThread, use_threads
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -140,9 +140,10 @@ class Trainer:
         if not isinstance(lcd.teacher, torch.nn.Module):
             cannot.append("the teacher is the student with its adapters switched off (LCM-LoRA), one module that "
                           "two chunks would switch under each other")
-        if any(getattr(m, "drop_prob", 0) > 0 for m in student.unet.modules()):
+        stochastic_depth, dropout = random_layers(student.unet)
+        if stochastic_depth:
             cannot.append("student.stochastic_depth drops blocks for the whole batch at once")
-        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in student.unet.modules()):
+        if dropout:
             cannot.append("the student has dropout, whose draws two chunks would take from one generator")
         if want == "auto":  # where chunks pay: a CPU with spare cores, and no compiled graphs
             fits = acc.device.type == "cpu" and not self.compile and torch.get_num_threads() >= 2
@@ -163,9 +164,7 @@ class Trainer:
             cannot.append("the teacher is the student with its adapters switched off (LCM-LoRA), one module whose "
                           "adapters the two threads would switch under each other")
         # (every draw of the worker's is the step generator's, except an online target's own dropout masks)
-        random = any(getattr(m, "drop_prob", 0) > 0 or (isinstance(m, torch.nn.Dropout) and m.p > 0)
-                     for m in student.unet.modules())
-        if random and lcd.target is student.unet:
+        if any(random_layers(student.unet)) and lcd.target is student.unet:
             cannot.append("the target is the online student (student.ema_target=false), whose dropout or "
                           "stochastic-depth masks two threads would draw from torch's default generator in no "
                           "fixed order")
@@ -177,7 +176,7 @@ class Trainer:
         if self.chunks > 1:
             cannot.append(f"trainer.parallel_chunks={self.chunks} already runs the step on {self.chunks} threads")
         if want == "auto":
-            return self.accelerator.device.type == "cpu" and torch.get_num_threads() >= 2 and not cannot
+            return torch.get_num_threads() >= 2 and not cannot
         if want and cannot:
             raise ValueError(f"trainer.overlap_frozen=true cannot run here: {'; '.join(cannot)}. "
                              "Use trainer.overlap_frozen=false (or auto, which turns it off here).")
@@ -207,7 +206,7 @@ class Trainer:
         `upcoming`: the next micro-step's batch, whose teacher pass `overlap_frozen` runs during this backward."""
         acc = self.accelerator
         if self._frozen:
-            self._frozen.step_threads()
+            use_threads(self._frozen.threads)
         with acc.accumulate(self.unet), acc.autocast():
             if self._frozen:
                 loss = self._overlapped_loss(teacher, batch, generator, upcoming)
@@ -350,8 +349,7 @@ class Trainer:
                 if self.checkpoint_every and (self.global_step % self.checkpoint_every == 0 or last):
                     self.pause()
                     self.save_checkpoint(ckpt_extra or {})
-            self.pause()  # (raises what the worker raised)
-        finally:  # also when a step or a hook failed: nothing left running, all threads back
+        finally:  # (the last micro-step prepares nothing ahead) also after an error: nothing running, threads back
             if self._frozen:
                 self._frozen.close()
         acc.wait_for_everyone()
@@ -366,3 +364,9 @@ def apply_speed_switches(unet, channels_last: bool, attention: str) -> None:
         unet.to(memory_format=torch.channels_last)
     set_attention(unet, attention)
 
+
+def random_layers(unet) -> tuple[bool, bool]:
+    """Whether `unet` draws stochastic-depth masks, and whether it draws dropout masks (torch's default generator)."""
+    modules = list(unet.modules())
+    return (any(getattr(m, "drop_prob", 0) > 0 for m in modules),
+            any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in modules))
