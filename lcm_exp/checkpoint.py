@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
-# Keys that do not change what is trained: a checkpoint of the same config with other values of these resumes.
-RESUME_IGNORES = ("trainer.resume", "trainer.max_steps", "trainer.checkpoint_every", "trainer.checkpoint_every_minutes",
+# Keys that do not change what is trained, or that a user may change between a run and its resume (more shards,
+# other loader workers: the stream then says it cannot continue exactly): a checkpoint of the same config with
+# other values of these resumes.
+RESUME_IGNORES = ("data.urls", "data.num_workers", "trainer.resume", "trainer.max_steps", "trainer.checkpoint_every", "trainer.checkpoint_every_minutes",
                   "trainer.checkpoints_total_limit", "trainer.log_every", "trainer.validation_every",
                   "trainer.output_dir", "trainer.progress_bar", "tracking", "eval", "export")
 

@@ -283,9 +283,18 @@ def validate(cfg: DictConfig) -> None:
     """Check constraints between values, before anything is loaded."""
     import torch
 
+    from omegaconf import OmegaConf
+
     unknown = unknown_keys(cfg)
     if unknown:
         raise _unknown_key_error(unknown[0])
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"{', '.join(missing)} must be set (the chosen options leave {'it' if len(missing) == 1 else 'them'} "
+                          f"open), e.g. `lcm-exp {example}`" + (
+                              "; data.urls takes shards such as '/data/laion/{00000..00099}.tar'"
+                              if "data.urls" in missing else ""))
     if cfg.trainer.mixed_precision == "fp16" and (cfg.trainer.cpu or not torch.cuda.is_available()):
         raise ConfigError("trainer.mixed_precision=fp16 needs a CUDA GPU (fp16 matmuls do not run on a CPU here). "
                           "On a CPU use trainer.mixed_precision=bf16, or no (fp32).")

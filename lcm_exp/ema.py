@@ -27,7 +27,7 @@ class EMA:
         self._master = self._target_params
         if dtype is not None and dtype != torch.float32 and cast_to_mixed_precision:
             self._master = [p.detach().float().clone() for p in self._target_params]
-            self.target.to(dtype)
+            torch.nn.Module.to(self.target, dtype)  # (diffusers' own `to` warns of fp32 modules it has none of)
 
     @torch.no_grad()
     def update(self) -> None:

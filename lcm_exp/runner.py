@@ -166,6 +166,8 @@ def resume_hint(trainer, error: BaseException, start_dir: Path) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     newest = ckpt.listed(trainer.checkpoint_dir)
+    if not newest and trainer.global_step == 0:
+        return ""  # nothing trained, nothing to resume
     what = (f"preempted by {error.signame} at step {trainer.global_step}" if isinstance(error, Preempted)
             else f"stopped at step {trainer.global_step} by {type(error).__name__}: {error}".splitlines()[0])
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -29,6 +29,8 @@ from .lcd import LCD
 from .preemption import Preempted, SignalGuard
 
 log = logging.getLogger(__name__)
+for _name in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line per file of every checkpoint
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Trainer:
         bar = progress_bar(self.progress_bar and acc.is_main_process, self.global_step, self.max_steps)
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with guard.deferred() if guard else contextlib.nullcontext():
+        with guard.deferred() if guard else contextlib.nullcontext(), logs_above(bar):
             try:
                 upcoming = fetch(micro) if self.global_step < self.max_steps else None
                 while self.global_step < self.max_steps:
@@ -335,6 +337,15 @@ class DataPosition:
 
     def state(self) -> dict:
         return {"batches": self.batches, "readers": dict(self.readers)}
+
+
+def logs_above(bar):
+    """While a progress bar shows, log lines print above it instead of through it."""
+    if bar is None:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def progress_bar(enabled, step: int, total: int):

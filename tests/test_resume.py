@@ -71,3 +71,64 @@ def test_truncated_newest_checkpoint_is_skipped_for_the_previous(tmp_path, refer
     assert "checkpoint-10 is incomplete or corrupt (model.safetensors has" in r.stdout
     assert "checkpoint-5 at step 5" in r.stdout
     assert_same_run(tmp_path, reference)
+
+
+# ------------------------------------------------------------------------------------ every data source, accumulation
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """LAION-style shards of the shapes dataset: four shards, half the captions under `.text`."""
+    import io
+
+    import webdataset as wds
+
+    from lcm_exp.data.shapes import caption, render, scenes
+
+    root = tmp_path_factory.mktemp("shards")
+    for shard in range(4):
+        with wds.TarWriter(str(root / f"shard-{shard:05d}.tar")) as w:
+            for i, scene in enumerate(scenes("train", 10, seed=shard)):
+                buf = io.BytesIO()
+                render(scene, 40).save(buf, format="PNG")
+                w.write({"__key__": f"{shard}-{i}", "png": buf.getvalue(), ("text" if i % 2 else "txt"): caption(scene)})
+    return str(root / "shard-{00000..00003}.tar")
+
+
+KINDS = {
+    "shapes, accumulation 2, bf16": ["trainer.gradient_accumulation_steps=2", "trainer.mixed_precision=bf16"],
+    "webdataset, 2 workers, random crops": ["data=webdataset", "data.urls={shards}", "data.resolution=32",
+                                            "data.num_workers=2", "data.center_crop=false", "data.random_flip=true",
+                                            "data.shuffle_buffer=16", "trainer.gradient_accumulation_steps=2"],
+    "cached": ["data=cached", "data.resolution=32", "data.num_samples=64", "data.cache_dir={cache}"],
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_data_source_resumes_exactly(tmp_path, shards, kind):
+    """12 steps, checkpoints every 4, killed after step 7: the resumed run's losses and weights are the
+    uninterrupted run's (the data stream continues at the sample it had reached, in every reader)."""
+    args = [*TINY, "trainer.max_steps=12", "trainer.checkpoint_every=4",
+            *(a.format(shards=shards, cache=tmp_path / "cache") for a in KINDS[kind])]
+    (ref := tmp_path / "ref").mkdir()
+    (cut := tmp_path / "cut").mkdir()
+    lcm_exp(args, ref)
+    code, out = stop_at(args, cut, step=7, after_logged=4)
+    assert code == -signal.SIGKILL, out[-2000:]
+    r = lcm_exp([*args, "trainer.resume=latest"], cut)
+    assert "at step 4" in r.stdout or "at step 8" in r.stdout
+    ref_history, run = loss_history(ref)
+    history, run = loss_history(cut)
+    assert sorted(history) == sorted(ref_history) == list(range(1, 13)) and run.info.status == "FINISHED"
+    assert {s: v for s, v in history.items() if v != ref_history[s]} == {}
+    assert same_weights(final_weights(cut), final_weights(ref))
+
+
+def test_changed_shard_list_resumes_and_says_it_is_not_exact(tmp_path, shards):
+    args = [*TINY, "trainer.checkpoint_every=1", "data=webdataset", "data.resolution=32", "data.num_workers=0"]
+    lcm_exp([*args, "data.urls=" + shards, "trainer.max_steps=2"], tmp_path)
+    r = lcm_exp([*args, "data.urls=" + shards.replace("00003", "00002"), "trainer.max_steps=3",
+                 "trainer.resume=latest"], tmp_path)
+    assert "at step 2" in r.stdout
+    notes = [line for line in r.stdout.splitlines() if "cannot resume exactly" in line]
+    assert len(notes) == 1 and "data.urls lists other shards than the checkpoint's" in notes[0]
+    history, run = loss_history(tmp_path)
+    assert sorted(history) == [1, 2, 3] and run.info.status == "FINISHED"

@@ -160,7 +160,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         reader, readers = self._reader()
         skip = self.start["readers"].get(reader, 0)
-        t0, taken, items, last_failure = time.perf_counter(), 0, [], None
+        t0, taken, items, held, last_failure = time.perf_counter(), 0, [], None, None
         for sample in self.raw_samples(reader, readers):
             taken += 1
             if taken <= skip:  # resuming: samples the checkpointed run had already taken, not decoded
@@ -182,10 +182,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             Skips.usable = True
             items.append(item)
             if len(items) == self.batch_size:
-                yield self._batch(items, reader, taken)
-                items = []
+                # (one pass: each batch waits for the next, so the last one also counts what was skipped after it)
+                if held is not None:
+                    yield self._batch(*held)
+                held, items = (items, reader, taken), []
+                if not self.partial:
+                    yield self._batch(*held)
+                    held = None
         if items and self.partial:
-            yield self._batch(items, reader, taken)
+            if held is not None:
+                yield self._batch(*held)
+            held = (items, reader, taken)
+        if held is not None:
+            yield self._batch(*held)
         if not Skips.usable and last_failure is not None:
             raise DataError(f"no sample of data.urls={self.urls} could be read; the last failure: "
                             f"{type(last_failure).__name__}: {last_failure}")
@@ -201,5 +210,22 @@ def batches(stream: ShardStream):
     """The stream itself (no workers), or a DataLoader whose workers run it (persistent, in-order)."""
     if stream.num_workers == 0:
         return stream
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stream.num_workers,
-                                       persistent_workers=True, prefetch_factor=4)
+    return Workers(stream, batch_size=None, num_workers=stream.num_workers, persistent_workers=True,
+                   prefetch_factor=4)
+
+
+class Workers(torch.utils.data.DataLoader):
+    """A DataLoader that passes a worker's DataError on as the one-line message it was (torch wraps it in the
+    worker's traceback text)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except DataError as e:
+                last = str(e).strip().splitlines()[-1]
+                raise DataError(last.split("DataError: ", 1)[-1]) from None
+            yield batch

@@ -29,7 +29,7 @@ def _decode(sample: dict):
     txt_key = next((k for k in TEXT_KEYS if k in sample), None)
     if img_key is None or txt_key is None:
         fields = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "none"
-        missing = "an image" if img_key is None else "a caption"
+        missing = "image" if img_key is None else "caption"
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no {missing} (its fields: "
                          f"{fields}; expected one of {', '.join(IMAGE_KEYS if img_key is None else TEXT_KEYS)})")
     image = Image.open(io.BytesIO(sample[img_key]))
@@ -107,9 +107,9 @@ def collate(items) -> dict:
 def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = True,
            center_crop: bool = True, random_flip: bool = False, min_size: int = 0, min_aesthetic: float | None = None,
            max_pwatermark: float | None = None, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-           state: dict | None = None, endless: bool = True, **_):
-    """Batches from image shards: an endless stream (resampled, or epochs over the shards) resumable from `state`
-    (`ShardStream.state`), or with `endless=False` and `resampled=False` one pass in shard order."""
+           state: dict | None = None, endless: bool | None = None, **_):
+    """Batches from image shards, resumable from `state` (`ShardStream.state`): an endless stream (resampled, or
+    with `endless=True` epochs over the shards), or one pass in shard order (`resampled=False`, `endless` unset)."""
     if not urls:
         raise ValueError("data.urls is empty: give shards, e.g. data.urls='/data/laion/{00000..00099}.tar'")
     decode = ImageSamples(Transform(resolution, center_crop, random_flip), min_size=min_size,
@@ -117,4 +117,4 @@ def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer
     return batches(ShardStream(urls, decode, collate, batch_size, seed=seed, rank=rank, world_size=world_size,
                                shuffle_buffer=shuffle_buffer, resampled=resampled,
                                epochs=None if endless or resampled else 1, num_workers=usable_workers(num_workers),
-                               state=state, partial=not endless))
+                               state=state, partial=not (endless or resampled)))

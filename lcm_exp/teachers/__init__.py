@@ -51,7 +51,7 @@ class Teacher:
     def to(self, device, dtype=None):
         cast = dtype is not None and dtype != torch.float32 and self.cast_to_mixed_precision
         for m in (self.unet, self.text_encoder):
-            m.to(device, dtype) if cast else m.to(device)
+            torch.nn.Module.to(m, device, dtype) if cast else m.to(device)  # (diffusers' `to` warns needlessly)
         self.vae.to(device)  # the VAE stays fp32: SD's VAE overflows in fp16
         return self
 
