@@ -67,6 +67,7 @@ def search_space(overrides: list[str]) -> tuple[dict[str, tuple[str, Any]], list
 
     entries: dict[str, tuple[str, Any]] = {}
     for text, o in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        entries.pop(o.key_or_group, None)  # the later one, in its place
         entries[o.key_or_group] = (o.get_key_element(), distribution(o)) if o.is_sweep_override() else (text, None)
     space = {k: (key, d) for k, (key, d) in entries.items() if d is not None}
     return space, [text for text, d in entries.values() if d is None]

@@ -68,19 +68,15 @@ class SearchSweeper(Sweeper):
         study, founded = open_study(storage, self.study_name, direction, self._sampler(0))
         parent = StudyParent.join(self.config, study, founded)
         claims = Claims(study, storage, self.n_trials, self.heartbeat_s, self.stale_after_s)
-        log.info("search: study %r (%s, %s), %d of %d trials to go, searching %s", self.study_name,
-                 "new" if founded else "joined", direction, max(0, claims.remaining()), self.n_trials,
-                 ", ".join(space) or "nothing")
         try:
-            while True:
-                reaped = claims.reap()
-                if parent is not None:
-                    parent.fail_children([t.number for t in reaped])
-                n = min(self.n_jobs, claims.remaining())
-                if n <= 0:
-                    break
+            self._reap(claims, parent)
+            log.info("search: study %r (%s, %s), %d of %d trials to go, searching %s", self.study_name,
+                     "new" if founded else "joined", direction, max(0, claims.remaining()), self.n_trials,
+                     ", ".join(space) or "nothing")
+            while (n := min(self.n_jobs, claims.remaining())) > 0:
                 trials = [t for t in (claims.ask() for _ in range(n)) if t is not None]
                 self._run(study, claims, trials, space, fixed)
+                self._reap(claims, parent)
         except BaseException:
             self._abandon(claims, parent, study)
             raise
@@ -116,6 +112,13 @@ class SearchSweeper(Sweeper):
                 claims.tell(trial, value)  # nan: Optuna records a FAIL
         if failed is not None:
             failed.return_value  # noqa: B018 - raises it
+
+    @staticmethod
+    def _reap(claims, parent) -> None:
+        """Dead workers' RUNNING trials: failed and queued again, their MLflow runs ended FAILED."""
+        reaped = claims.reap()
+        if parent is not None:
+            parent.fail_children([t.number for t in reaped])
 
     def _abandon(self, claims, parent, study) -> None:
         """This worker stops abnormally (an error, Ctrl-C): its running trials are failed and queued again."""
