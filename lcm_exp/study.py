@@ -172,7 +172,7 @@ class Claims:
 
         now, reaped = time.time(), []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if not (t.number in self.held if mine else t.number not in self.held and self._dead(t, now)):
+            if not (t.number in self.held if mine else self._dead(t, now)):
                 continue
             try:
                 trial_id = self.storage.get_trial_id_from_study_id_trial_number(
@@ -185,12 +185,17 @@ class Claims:
             self.held.pop(t.number, None)
             retry_of = t.user_attrs.get(RETRY_OF, t.number)
             self.study.enqueue_trial(t.params, user_attrs={RETRY_OF: retry_of}, skip_if_exists=False)
-            log.warning("trial %d was left RUNNING by %s: failed, its params queued again", t.number,
-                        t.user_attrs.get(OWNER, "a worker that never claimed it"))
+            owner = t.user_attrs.get(OWNER) or {}
+            log.warning("trial %d (worker pid %s on %s) stopped unfinished: failed, its params queued again",
+                        t.number, owner.get("pid"), owner.get("machine"))
             reaped.append(t)
         return reaped
 
     def _dead(self, t, now: float) -> bool:
+        """Whether the worker that runs trial `t` is gone: its process ended (this machine), or it has not
+        beaten for `stale_after_s` (another machine)."""
+        if t.number in self.held:
+            return False
         owner = t.user_attrs.get(OWNER)
         if owner and owner.get("machine") == self.me["machine"]:
             return process_started(owner["pid"]) != owner.get("started")
