@@ -153,8 +153,8 @@ def find(resume: str | None, cfg: DictConfig, start_dir: Path, out_dir: Path) ->
     ranked = sorted(found, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
     good = usable(ranked)
     if not good and resume == "latest":
-        log.warning("trainer.resume=latest: no usable checkpoint of this configuration under %s; starting from "
-                    "step 0", start_dir)
+        log.warning("trainer.resume=latest: no checkpoint of this configuration under %s; starting from step 0",
+                    start_dir)
     return sorted(good, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
 
 

@@ -46,7 +46,6 @@ def _train(cfg):
     error goes back to Hydra, which runs the other jobs and reports it."""
     import traceback
 
-    from .config import ConfigError
     from .preemption import EXIT_PREEMPTED, Preempted, requeue_with_submitit, under_submitit
     from .runner import run
 
@@ -56,22 +55,34 @@ def _train(cfg):
 
     try:
         return run(cfg)
-    except ConfigError as e:  # a user's value that cannot work: the message says what to do, no traceback
-        print(f"lcm-exp: {e}", file=sys.stderr)
-        hint(e)
-        raise SystemExit(2) from None
     except Preempted as e:
         hint(e)
         if under_submitit():
             requeue_with_submitit()
         raise SystemExit(EXIT_PREEMPTED) from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - sorted here
+        config_error = _config_error(e)
+        if config_error is not None:  # a user's value that cannot work: the message says what to do
+            print(f"lcm-exp: {config_error}", file=sys.stderr)
+            hint(e)
+            raise SystemExit(2) from None
         if not _single_run():
             hint(e)
             raise
         traceback.print_exc()
         hint(e)
         raise SystemExit(1) from None
+
+
+def _config_error(e: BaseException | None):
+    """The ConfigError behind `e` (Hydra's instantiate wraps what a _target_ raises), or None."""
+    from .config import ConfigError
+
+    while e is not None:
+        if isinstance(e, ConfigError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _single_run() -> bool:

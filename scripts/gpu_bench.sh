@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figure of issue 8: lcm-exp-bench on an SD-1.5-shaped teacher (random weights, built in memory) at
-# 512 px (64x64 latents), batch 12, bf16 -- all speed switches on, then each one off in turn.
+# On a lent GPU: (1) end-to-end jobs in fp16 and bf16 (the embedded default: train, validation, checkpoint,
+# export, evaluation, then a plain-diffusers load of the export); (2) lcm-exp-bench on an SD-1.5-shaped teacher
+# (random weights, built in memory) at 512 px (64x64 latents), batch 12, bf16 -- all speed switches on, then each
+# one off in turn. E2E=0 skips (1); ONLY=e2e runs only (1).
 # Run from the repository root on a CUDA machine; the packages the image lacks come as wheels:
 #   WHEELS=.gpu/wheels OUT=/tmp/out bash scripts/gpu_bench.sh
 # Build the wheels here first (.gpu is git-ignored: pass it to the device tool's `carry`):
@@ -20,6 +22,28 @@ export PYTHONPATH=$PWD MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 ONLY=${ONLY:-}  # e.g. ONLY="all_on compile": run only these configurations
+e2e() {  # PRECISION: the main job end to end (no MLflow in the GPU image: tracking off), then load its export
+  local p=$1 dir=/tmp/lcm_e2e_$1
+  timeout ${RUN_LIMIT:-300} python3 -c "from lcm_exp.cli import train; train()" trainer.mixed_precision=$p \
+      trainer.max_steps=50 trainer.checkpoint_every=25 tracking.enabled=false eval.fid=false \
+      hydra.run.dir=$dir > "$OUT/e2e_$p.log" 2>&1
+  local rc=$?
+  python3 - "$dir/export" >> "$OUT/e2e_$p.log" 2>&1 <<'PY'
+import sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1]).to("cuda")
+img = pipe("a large red circle in the center on a white background", num_inference_steps=4, height=32, width=32,
+           guidance_scale=8.0, output_type="np").images
+print("export loads and samples:", img.shape, float(img.std()))
+PY
+  echo "e2e $p: train rc=$rc, export load rc=$?" | tee -a "$OUT/e2e.txt"
+  grep -E "student \| 4 \|" "$OUT/e2e_$p.log" | head -1 | tee -a "$OUT/e2e.txt"
+}
+if [[ ${E2E:-1} == 1 ]]; then
+  e2e fp16
+  e2e bf16
+fi
+[[ $ONLY == e2e ]] && exit 0
 run() {  # NAME OVERRIDES...
   local name=$1; shift
   [[ -n $ONLY && " $ONLY " != *" $name "* ]] && return

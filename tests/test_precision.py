@@ -34,6 +34,9 @@ def test_student_starts_from_the_fp32_teacher_and_trains_in_fp32(tmp_path, stude
 
     from lcm_exp.runner import build
 
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # (a process holds one accelerate state: earlier tests' was fp32)
     cfg = compose_run(tmp_path, f"student={student}", "trainer.mixed_precision=bf16", "student.ema_target=true")
     trainer = instantiate(cfg.trainer)(output_dir=str(tmp_path))
     parts = build(cfg, trainer)

@@ -95,7 +95,7 @@ def shards(tmp_path_factory):
 
 KINDS = {
     "shapes, accumulation 2, bf16": ["trainer.gradient_accumulation_steps=2", "trainer.mixed_precision=bf16"],
-    "webdataset, 2 workers, random crops": ["data=webdataset", "data.urls={shards}", "data.resolution=32",
+    "webdataset, 2 workers, random crops": ["data=webdataset", "data.urls='{shards}'", "data.resolution=32",
                                             "data.num_workers=2", "data.center_crop=false", "data.random_flip=true",
                                             "data.shuffle_buffer=16", "trainer.gradient_accumulation_steps=2"],
     "cached": ["data=cached", "data.resolution=32", "data.num_samples=64", "data.cache_dir={cache}"],
@@ -124,8 +124,8 @@ def test_every_data_source_resumes_exactly(tmp_path, shards, kind):
 
 def test_changed_shard_list_resumes_and_says_it_is_not_exact(tmp_path, shards):
     args = [*TINY, "trainer.checkpoint_every=1", "data=webdataset", "data.resolution=32", "data.num_workers=0"]
-    lcm_exp([*args, "data.urls=" + shards, "trainer.max_steps=2"], tmp_path)
-    r = lcm_exp([*args, "data.urls=" + shards.replace("00003", "00002"), "trainer.max_steps=3",
+    lcm_exp([*args, f"data.urls='{shards}'", "trainer.max_steps=2"], tmp_path)
+    r = lcm_exp([*args, "data.urls='{}'".format(shards.replace("00003", "00002")), "trainer.max_steps=3",
                  "trainer.resume=latest"], tmp_path)
     assert "at step 2" in r.stdout
     notes = [line for line in r.stdout.splitlines() if "cannot resume exactly" in line]

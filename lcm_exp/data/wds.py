@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .stream import ShardStream, batches, usable_workers
+from .stream import DataError, ShardStream, batches, usable_workers
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -111,7 +111,8 @@ def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer
     """Batches from image shards, resumable from `state` (`ShardStream.state`): an endless stream (resampled, or
     with `endless=True` epochs over the shards), or one pass in shard order (`resampled=False`, `endless` unset)."""
     if not urls:
-        raise ValueError("data.urls is empty: give shards, e.g. data.urls='/data/laion/{00000..00099}.tar'")
+        raise DataError("data.urls must be set: give the shards, e.g. "
+                        "data.urls='/data/laion/{00000..00099}.tar' (brace ranges, pipe: and s3:// URLs work too)")
     decode = ImageSamples(Transform(resolution, center_crop, random_flip), min_size=min_size,
                           min_aesthetic=min_aesthetic, max_pwatermark=max_pwatermark)
     return batches(ShardStream(urls, decode, collate, batch_size, seed=seed, rank=rank, world_size=world_size,
