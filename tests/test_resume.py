@@ -132,3 +132,51 @@ def test_changed_shard_list_resumes_and_says_it_is_not_exact(tmp_path, shards):
     assert len(notes) == 1 and "data.urls lists other shards than the checkpoint's" in notes[0]
     history, run = loss_history(tmp_path)
     assert sorted(history) == [1, 2, 3] and run.info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------------------------------- failures at the end
+def test_a_failure_after_training_loses_no_work(tmp_path):
+    """The export fails after the last step: the run ends FAILED with the error, its trained state is
+    checkpointed, the last lines name that checkpoint and the resume command, and the resumed run only
+    finishes what was left (no step trains again)."""
+    args = [*TINY, "trainer.max_steps=3", "export.enabled=true"]
+    r = lcm_exp([*args, "export.dir=/dev/null/export"], tmp_path, expect=1)
+    last = r.stderr.strip().splitlines()[-3:]
+    assert "Traceback" in r.stderr and last[0].startswith("lcm-exp: stopped at step 3 by NotADirectoryError")
+    assert last[1].startswith("lcm-exp: newest checkpoint: ") and last[1].endswith("checkpoints/checkpoint-3")
+    assert "trainer.resume=latest" in last[2] and "export.dir=/dev/null/export" in last[2]
+    _, run = loss_history(tmp_path)
+    assert run.info.status == "FAILED"
+    r = lcm_exp([*args, "trainer.resume=latest"], tmp_path)
+    assert "at step 3" in r.stdout and " - step " not in r.stdout  # nothing trained again
+    history, run = loss_history(tmp_path)
+    assert run.info.status == "FINISHED" and sorted(history) == [1, 2, 3]
+    assert list(tmp_path.glob("outputs/*/*/export/unet"))
+
+
+def test_sigterm_during_the_end_of_run_work(tmp_path):
+    """A preemption signal while the run evaluates (after training) checkpoints the trained state and exits
+    EXIT_PREEMPTED; the resume evaluates and finishes without training again."""
+    args = [*TINY, "trainer.max_steps=2", "eval.enabled=true", "eval.num_prompts=16", "eval.batch_size=1",
+            "eval.reference_steps=50", "export.enabled=true"]
+    import subprocess
+
+    from jobs import ENV, command
+
+    p = subprocess.Popen(command(args), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if "exported model" in line:  # printed just before the evaluation starts
+            p.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + p.communicate(timeout=300)[0]
+    assert p.returncode == 75, out[-3000:]
+    assert "preempted by SIGTERM at step 2" in out and "checkpoint-2" in out
+    _, run = loss_history(tmp_path)
+    assert run.info.status == "KILLED" and "eval/student_4step/psnr_to_ref" not in run.data.metrics
+    r = lcm_exp([*args, "eval.num_prompts=2", "trainer.resume=latest"], tmp_path)
+    assert "at step 2" in r.stdout and " - step " not in r.stdout
+    _, run = loss_history(tmp_path)
+    assert run.info.status == "FINISHED" and "eval/student_4step/psnr_to_ref" in run.data.metrics
