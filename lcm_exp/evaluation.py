@@ -40,6 +40,23 @@ def metric_name(model: str, steps: int, metric: str) -> str:
     return f"eval/{model}_{steps}step/{metric}"
 
 
+HEADLINE_MODELS = ("student", "teacher_ddim")
+
+
+def headline_metrics(metrics: dict[str, float], objective: str, steps: Sequence[int]) -> dict[str, float]:
+    """The objective's metric for the student and the teacher's DDIM at every step count, logged a second time
+    as `eval/headline/<metric>/<model>_<n>step`. MLflow's UI orders chart sections and metrics by name, so this
+    section comes before `eval/student_1step/...`: the comparison shows the LCM table's numbers first."""
+    family = objective.rsplit("/", 1)[-1] if objective.startswith("eval/") else "psnr_to_ref"
+    out = {}
+    for model in HEADLINE_MODELS:
+        for n in steps:
+            name = metric_name(model, n, family)
+            if name in metrics:
+                out[f"eval/headline/{family}/{model}_{n}step"] = metrics[name]
+    return out
+
+
 @dataclass
 class EvalResult:
     prompts: list[str]
@@ -352,7 +369,7 @@ def evaluate_run(cfg, teacher, student_unet, tracker, out_dir: Path, step: int =
                       timestep_scaling=float(cfg.student.timestep_scaling), real_images=real,
                       adherence=is_shapes(cfg))
     paths = write_report(res, Path(out_dir) / "eval")
-    tracker.log_metrics(res.metrics, step)
+    tracker.log_metrics({**headline_metrics(res.metrics, ev.objective, res.steps), **res.metrics}, step)
     for p in paths:
         tracker.log_artifact(p, "eval")
     print(markdown_table(res), flush=True)

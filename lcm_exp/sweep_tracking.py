@@ -3,13 +3,15 @@
 `conf/config.yaml` registers `MLflowSweepCallback` under `hydra.callbacks`. Before any job starts it creates
 the store, the experiment and the parent run (once, so parallel jobs never race on them) and exports the
 parent's id in `LCM_EXP_PARENT_RUN_ID`; every job process inherits it (the basic launcher's, and joblib/loky
-workers, which are started after this) and tags its run `mlflow.parentRunId`. A failed job ends its own run
-FAILED (runner.py); Hydra then raises after the batch without calling `on_multirun_end`, so the parent is
-ended at exit in that case, FAILED.
+workers, which are started after this) and tags its run `mlflow.parentRunId`. `LCM_EXP_SWEEP_FIXED` likewise
+holds the overrides every job shares, so that each job is named by its own (`lcm_exp.run_names`). A failed
+job ends its own run FAILED (runner.py); Hydra then raises after the batch without calling `on_multirun_end`,
+so the parent is ended at exit in that case, FAILED.
 """
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .run_names import SWEEP_FIXED_ENV, fixed_overrides
 from .tracking import PARENT_RUN_ENV, connect, default_uri, redact, run_tags
 
 log = logging.getLogger(__name__)
@@ -39,10 +42,13 @@ class MLflowSweepCallback(Callback):
         tags.update({"lcm_exp.sweep": "parent", "hydra.sweep.dir": str(sweep_dir),
                      "hydra.overrides": redact(" ".join(config.hydra.overrides.task)) or "(none)",
                      "hydra.job.name": str(config.hydra.job.name)})
-        run = self.client.create_run(exp_id, run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}", tags=tags)
+        overrides = list(config.hydra.overrides.task)
+        fixed = fixed_overrides(overrides)
+        run = self.client.create_run(exp_id, run_name=sweep_name(config, overrides, fixed, sweep_dir), tags=tags)
         self.parent_id = run.info.run_id
         self.sweep_dir = sweep_dir
         os.environ[PARENT_RUN_ENV] = self.parent_id
+        os.environ[SWEEP_FIXED_ENV] = json.dumps(fixed)  # each job is named by the overrides not in this list
         atexit.register(self._end, "FAILED")
         log.info("MLflow sweep: parent run %s at %s", self.parent_id, redact(uri))
 
@@ -80,4 +86,13 @@ class MLflowSweepCallback(Callback):
         except Exception as e:  # noqa: BLE001
             log.warning("could not end the sweep's parent run %s: %s", self.parent_id, e)
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_FIXED_ENV, None)
         self.client = None
+
+
+def sweep_name(config: DictConfig, overrides: list[str], fixed: list[str], sweep_dir: Path) -> str:
+    """`sweep loss 2026-01-01/12-00-00` (+sweep=loss), or the swept keys: `sweep skip.k, loss ...`."""
+    what = config.hydra.runtime.choices.get("sweep")
+    if not what:
+        what = ", ".join(o.split("=", 1)[0].lstrip("+~") for o in overrides if o not in fixed)
+    return f"sweep {what or ''} {sweep_dir.parent.name}/{sweep_dir.name}".replace("  ", " ")
