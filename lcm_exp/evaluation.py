@@ -45,15 +45,15 @@ HEADLINE_MODELS = ("student", "teacher_ddim")
 
 def headline_metrics(metrics: dict[str, float], objective: str, steps: Sequence[int]) -> dict[str, float]:
     """The objective's metric for the student and the teacher's DDIM at every step count, logged a second time
-    as `eval/headline/<metric>/<model>_<n>step`. MLflow's UI orders chart sections and metrics by name, so this
-    section comes before `eval/student_1step/...`: the comparison shows the LCM table's numbers first."""
+    as `compare/<metric>/<model>_<n>step`. MLflow's UI orders its chart sections by name: `compare/...` comes
+    before `data/...`, `eval/...`, `system/...` and `train/...`, so the charts open on the LCM table's numbers."""
     family = objective.rsplit("/", 1)[-1] if objective.startswith("eval/") else "psnr_to_ref"
     out = {}
     for model in HEADLINE_MODELS:
         for n in steps:
             name = metric_name(model, n, family)
             if name in metrics:
-                out[f"eval/headline/{family}/{model}_{n}step"] = metrics[name]
+                out[f"compare/{family}/{model}_{n}step"] = metrics[name]
     return out
 
 

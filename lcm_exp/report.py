@@ -359,7 +359,8 @@ def main(cfg) -> Path:
     name = (prun.info.run_id[:8] if prun else re.sub(r"\W+", "_", experiment)) + time.strftime("-%Y%m%d-%H%M%S")
     folder = Path(cfg.out or Path("reports") / name).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    title = (f"Sweep {prun.info.run_name} ({prun.info.run_id})" if prun else f"Experiment {experiment}") + \
+    title = (f"{prun.info.run_name[:1].upper()}{prun.info.run_name[1:]} ({prun.info.run_id})" if prun
+             else f"Experiment {experiment}") + \
         (f", filter `{cfg.filter}`" if cfg.filter else "")
     rows = write_table(runs, params, cols, objective, direction, folder, title)
     plot_cols = [c for c in cols if c == objective or c == "train/loss" or

@@ -57,8 +57,8 @@ def _fmt(value) -> str:
         text = f"{value:.4g}"
     elif isinstance(value, (list, tuple)):
         text = "[" + ",".join(_fmt(v) for v in value) + "]"
-    elif isinstance(value, str) and "/" in value.rstrip("/"):
-        text = value.rstrip("/").rsplit("/", 1)[-1]  # a path or hub id: its last part
+    elif isinstance(value, str) and value.startswith(("/", "~", "./", "../")) or "://" in str(value):
+        text = str(value).rstrip("/").rsplit("/", 1)[-1]  # a path or URL: its last part
     else:
         text = str(value)
     return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 1] + "…"

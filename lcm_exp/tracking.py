@@ -173,9 +173,11 @@ def run_params(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
 
 def ui_url(uri: str, experiment_id: str) -> str:
     """Where the runs of the experiment are, in `mlflow ui` (default port) or on the tracking server, opened
-    on the Model training view."""
+    on the Model training view with the comparison columns of `lcm_exp.ui_view`."""
+    from .ui_view import SHARE_KEY
+
     base = redact(uri).rstrip("/") if is_remote(uri) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={SHARE_KEY}"
 
 
 def _retryable(e: Exception) -> bool:
@@ -244,6 +246,9 @@ class MLflowTracker:
             flat = [Param(k, v) for k, v in self._params.items()]
             for i in range(0, len(flat), 100):
                 self.client.log_batch(self.run_id, params=flat[i:i + 100])
+            from .ui_view import share
+
+            share(self.client, exp_id, params, self._params)
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
         if self.system_metrics:

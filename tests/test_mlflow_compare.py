@@ -4,6 +4,7 @@ and their switch, and `lcm-exp-report` on a sweep over loss dicts."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -47,9 +48,11 @@ def store(cwd):
 
 def test_single_runs_names_params_and_system_metrics(tmp_path, cache):
     p = train([*TINY, "loss=l2", "skip.k=10", "tracking.system_metrics_interval=0.2"], tmp_path, cache)
-    assert "?workflowType=machine_learning" in p.stdout  # where to look, printed at the end
+    assert "?workflowType=machine_learning&viewStateShareKey=lcm-exp" in p.stdout  # where to look, printed
     client, exp, (run,) = store(tmp_path)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.lcm-exp"])["selectedColumns"]  # ?viewStateShareKey=lcm-exp
+    assert {"params.`loss`", "params.`student`", "params.`skip.k`", "metrics.`train/loss`"} <= set(view)
     assert run.info.run_name == "smoke trainer.max_steps=2 trainer.batch_size=2 loss=l2 skip.k=10"
     prm = run.data.params
     assert {k: prm[k] for k in ("loss", "solver", "teacher", "student", "optim", "experiment")} == \
@@ -91,7 +94,7 @@ def test_sweep_over_loss_dicts_names_children_and_report_attributes_nothing_fore
         m = r.data.metrics
         for model in ("student", "teacher_ddim"):
             for n in (1, 2):
-                assert m[f"eval/headline/psnr_to_ref/{model}_{n}step"] == m[f"eval/{model}_{n}step/psnr_to_ref"]
+                assert m[f"compare/psnr_to_ref/{model}_{n}step"] == m[f"eval/{model}_{n}step/psnr_to_ref"]
 
     p = command("report", [f"parent={parent.info.run_id}"], tmp_path)
     folder = Path(p.stdout.strip().splitlines()[-1])

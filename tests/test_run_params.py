@@ -67,6 +67,8 @@ def test_option_name_follows_the_target_not_hydras_default_choice():
       "trainer.cpu=true"], [], "loss=l2 optim.lr=0.0001235 trainer.cpu=true"),
     (["teacher=sd15", "teacher.pretrained=/models/stable-diffusion-v1-5/"], [],
      "teacher=sd15 teacher.pretrained=stable-diffusion-v1-5"),
+    (["teacher.pretrained=org/model", "eval.objective=eval/student_2step/psnr_to_ref"], [],
+     "teacher.pretrained=org/model eval.objective=eval/student_2step/psnr_to_ref"),
 ])
 def test_names_from_overrides(overrides, fixed, name):
     assert name_from_overrides(overrides, fixed) == name
@@ -157,6 +159,30 @@ def test_report_never_attributes_what_does_not_apply(tmp_path):
     assert "0.001" not in (tmp_path / "table.md").read_text() and "0.001" not in (tmp_path / "table.csv").read_text()
 
 
+# ------------------------------------------------------------------------------------------ the UI's view
+def test_ui_view_columns_and_their_accumulation(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from lcm_exp.ui_view import TAG, columns, share, sweep_keys
+
+    assert {"skip.k", "loss.huber_c", "optim.lr", "ema.decay"} <= set(sweep_keys())
+    config = {"eval": {"enabled": True, "steps": [1, 4], "objective": "eval/student_4step/psnr_to_ref"}}
+    params = {"loss": "l2", "student": "full", "tracking": "mlflow", "skip.k": "20", "optim.lr": "1e-4"}
+    cols = columns(config, params)
+    assert cols[:3] == ["metrics.`compare/psnr_to_ref/student_1step`", "metrics.`compare/psnr_to_ref/student_4step`",
+                        "metrics.`compare/psnr_to_ref/teacher_ddim_4step`"]
+    assert {"params.`loss`", "params.`student`", "params.`skip.k`", "params.`optim.lr`"} <= set(cols)
+    assert "params.`tracking`" not in cols  # a group with one option says nothing
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x")
+    share(client, exp, {"eval": {"enabled": False}}, {"loss": "l2"})
+    share(client, exp, config, params)
+    view = json.loads(client.get_experiment(exp).tags[TAG])["selectedColumns"]
+    assert view[:2] == ["metrics.`train/loss`", "params.`loss`"] and set(cols) <= set(view)
+
+
 # ------------------------------------------------------------------------------------------ headline metrics
 def test_headline_metrics_sort_first_and_copy_the_objectives_family():
     from lcm_exp.evaluation import headline_metrics
@@ -165,7 +191,7 @@ def test_headline_metrics_sort_first_and_copy_the_objectives_family():
                for m in ("student", "teacher_ddim", "teacher_dpmpp") for n in (1, 2, 4)
                for f in ("psnr_to_ref", "mse_to_ref")}
     head = headline_metrics(metrics, "eval/student_4step/psnr_to_ref", [1, 2, 4])
-    assert head == {f"eval/headline/psnr_to_ref/{m}_{n}step": metrics[f"eval/{m}_{n}step/psnr_to_ref"]
+    assert head == {f"compare/psnr_to_ref/{m}_{n}step": metrics[f"eval/{m}_{n}step/psnr_to_ref"]
                     for m in ("student", "teacher_ddim") for n in (1, 2, 4)}
-    everything = sorted([*metrics, *head, "train/loss", "system/cpu_utilization_percentage"])
+    everything = sorted([*metrics, *head, "train/loss", "data/skipped", "system/cpu_utilization_percentage"])
     assert everything[:6] == sorted(head)  # MLflow's UI sorts metric names: these come first
