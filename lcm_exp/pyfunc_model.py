@@ -7,7 +7,7 @@ that base pipeline folder (`base`); `model_config` holds the defaults.
 
 Input: a DataFrame with a string column `prompt` (or a dict `{"prompt": [...]}`). Params (the student's defaults):
 `num_inference_steps`, `guidance_scale` (a diffusers guidance scale, LCM's w + 1; 1.0 = no guidance for
-LCM-LoRA), `seed`, `height`, `width`. Output: a DataFrame with `prompt` and `image`, a base64-encoded PNG.
+LCM-LoRA), `seed` (each image depends on its prompt and the seed only), `height`, `width`. Output: a DataFrame with `prompt` and `image`, a base64-encoded PNG.
 """
 import base64
 import io
@@ -46,7 +46,8 @@ class LCMImageModel(mlflow.pyfunc.PythonModel):
         prompts = _prompts(model_input)
         p = {k: self.config.get(k) for k in PARAMS}
         p.update({k: v for k, v in (params or {}).items() if k in PARAMS and v is not None})
-        generator = torch.Generator(self.device).manual_seed(int(p["seed"] or 0))
+        # one generator per prompt, all seeded alike: an image depends on its prompt and the seed, not on the batch
+        generator = [torch.Generator(self.device).manual_seed(int(p["seed"] or 0)) for _ in prompts]
         images = self.pipe(prompts, num_inference_steps=int(p["num_inference_steps"]),
                            guidance_scale=float(p["guidance_scale"]), height=int(p["height"]), width=int(p["width"]),
                            generator=generator, output_type="pil").images

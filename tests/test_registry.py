@@ -66,7 +66,7 @@ def diffusers_images(pipe, steps, guidance, seed=0, size=32) -> np.ndarray:
     import torch
 
     out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-               generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images
+               generator=[torch.Generator("cpu").manual_seed(seed) for _ in PROMPTS], output_type="pil").images
     return np.stack([np.asarray(im) for im in out])
 
 
@@ -139,6 +139,10 @@ def test_full_student_registered_predicts_and_serves(tmp_path, cache, store):
     other = decode(model.predict(pd.DataFrame({"prompt": PROMPTS}), params={"num_inference_steps": 2, "seed": 1})
                    ["image"])
     assert not np.array_equal(images, other)
+
+    # an image depends on its prompt and the seed, not on the rest of the batch
+    alone = decode(model.predict(pd.DataFrame({"prompt": PROMPTS[1:]}), params={"num_inference_steps": 2})["image"])
+    assert np.array_equal(alone[0], images[1])
 
     # the REST server answers the same request with the same images
     resp = serve_and_post("models:/tiny-lcm/1", tmp_path, {"dataframe_records": [{"prompt": p} for p in PROMPTS],
