@@ -31,7 +31,7 @@ from .attention import release_buffers, set_attention
 from .guidance import guidance_embedding
 from .lcd import LCD, boundary_scalings, x0_and_eps
 from .optim import lr_schedule
-from .overlap import use_threads
+from .executors import Overlapped, Sequential, use_threads
 
 log = logging.getLogger(__name__)
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -205,17 +205,34 @@ class Ours:
     def activate(self) -> None:
         """Puts its own attention processors on the UNets it shares with the other paths."""
         _activate(self, (self.s.student.unet, self.teacher.unet, self.ema.target), self.trainer.attention,
-                  self.trainer.step_threads)
+                  self.trainer.executor.threads)
+
+    @property
+    def overlap(self) -> bool:
+        return isinstance(self.trainer.executor, Overlapped)
 
     def step(self, generator):
         """One step; with overlap_frozen the next one's teacher pass (the same batch again) runs during its
         backward, as in training, and `drain` waits for it."""
         self.activate()
-        loss, _ = self.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm, upcoming=self.batch)
+        loss, _ = self.trainer.step(self.teacher, self.batch, generator, self.s.max_grad_norm,
+                                    upcoming=(self.batch, generator))
         return loss
 
     def drain(self) -> None:
-        self.trainer.drain()
+        if self.overlap:
+            self.trainer.executor.drain()
+
+    @contextlib.contextmanager
+    def serial(self):
+        """Steps entirely on the calling thread (a FLOP counter sees only its own thread)."""
+        executor = self.trainer.executor
+        executor.close()
+        self.trainer.executor = Sequential(executor.lcd, executor.condition)
+        try:
+            yield
+        finally:
+            self.trainer.executor = executor
 
 
 class Setup:
@@ -257,7 +274,6 @@ class Setup:
 
 # `bench.ablate`: our step with one speed switch off, timed interleaved with the others (the overrides that undo it)
 ABLATIONS = {
-    "parallel_chunks": ["trainer.parallel_chunks=1"],
     "overlap_frozen": ["trainer.overlap_frozen=false"],
     "batched_cfg": ["trainer.batched_cfg=false"],
     "teacher_first": ["trainer.teacher_first=false"],
@@ -282,7 +298,7 @@ def ablations(names) -> dict[str, list[str]]:
 
 def inert(name: str, cfg: DictConfig, device: torch.device, ours=None) -> str | None:
     """Why switching `name` off would change nothing here (so its ablation would time our step twice), or None.
-    `ours`: our step's trainer, for the switches that resolve at run time."""
+    `ours`: our step (`Ours`), for the switches that resolve at run time."""
     if variant(cfg, ABLATIONS[name]) == cfg:
         return "it is already off: " + " ".join(ABLATIONS[name])
     if ours is not None and name == "overlap_frozen" and not ours.overlap:
@@ -302,9 +318,8 @@ def variant(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def ablation(cfg: DictConfig, ours, overrides: list[str]) -> DictConfig:
     """Our config with one switch off and nothing else changed: the switches that resolve at run time are
-    pinned to what they resolved to for `ours` (our step's trainer); e.g. without its chunks, `overlap_frozen=auto`
-    would turn on."""
-    pinned = [f"trainer.parallel_chunks={ours.chunks}", f"trainer.overlap_frozen={str(ours.overlap).lower()}"]
+    pinned to what they resolved to for `ours` (our step's path)."""
+    pinned = [f"trainer.overlap_frozen={str(ours.overlap).lower()}"]
     return variant(cfg, pinned + overrides)
 
 
@@ -313,8 +328,8 @@ def count_flops(path, seed: int) -> int:
     FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    trainer = getattr(path, "trainer", None)
-    with trainer.serial() if trainer else contextlib.nullcontext(), FlopCounterMode(display=False) as counter:
+    with path.serial() if hasattr(path, "serial") else contextlib.nullcontext(), \
+            FlopCounterMode(display=False) as counter:
         path.step(torch.Generator().manual_seed(seed))
     return counter.get_total_flops()
 
@@ -361,7 +376,7 @@ def _run_bench(cfg: DictConfig) -> dict:
     s = Setup(cfg)
     device = s.acc.device
     paths = [Reference(s), Ours(s)]
-    ours = paths[1].trainer
+    ours = paths[1]
     for n, ov in ablations(b.ablate).items():
         if why := inert(n, cfg, device, ours):
             log.info("bench.ablate: nothing to time without %s here: %s", n, why)
@@ -384,7 +399,7 @@ def _run_bench(cfg: DictConfig) -> dict:
               "batch_size": s.batch_size, "resolution": cfg.data.resolution,
               "mixed_precision": s.trainer.accelerator.mixed_precision,
               "steps_timed": len(times["ours"]) * b.steps_per_round,
-              "ours_parallel_chunks": ours.chunks, "ours_overlap_frozen": ours.overlap}
+              "ours_overlap_frozen": ours.overlap}
     for name, ts in times.items():
         med = statistics.median(ts)
         result |= {f"{name}_ms_median": 1000 * med, f"{name}_ms_min": 1000 * min(ts), f"{name}_ms_max": 1000 * max(ts),

@@ -40,14 +40,45 @@ def _main(config_name: str, task, config_path: str | None = None):
 
 
 def _train(cfg):
+    """Runs the job. Exit codes: 0 done; 2 a configuration error (its message, no traceback); EXIT_PREEMPTED
+    after a preemption signal, once checkpointed (under submitit: requeued instead); 1 any other failure, whose
+    traceback comes first and the newest checkpoint and the resume command last. In a multirun a failed job's
+    error goes back to Hydra, which runs the other jobs and reports it."""
+    import traceback
+
     from .config import ConfigError
+    from .preemption import EXIT_PREEMPTED, Preempted, requeue_with_submitit, under_submitit
     from .runner import run
+
+    def hint(e):
+        if getattr(e, "lcm_exp_hint", None):
+            print(e.lcm_exp_hint, file=sys.stderr, flush=True)
 
     try:
         return run(cfg)
     except ConfigError as e:  # a user's value that cannot work: the message says what to do, no traceback
         print(f"lcm-exp: {e}", file=sys.stderr)
+        hint(e)
         raise SystemExit(2) from None
+    except Preempted as e:
+        hint(e)
+        if under_submitit():
+            requeue_with_submitit()
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except Exception as e:
+        if not _single_run():
+            hint(e)
+            raise
+        traceback.print_exc()
+        hint(e)
+        raise SystemExit(1) from None
+
+
+def _single_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
 
 
 def train():
@@ -97,7 +128,7 @@ def _precompute(cfg):
 
     teacher = instantiate(cfg.teacher)
     p = cfg.precompute
-    batches = instantiate(cfg.data)(batch_size=p.batch_size, resampled=False, shuffle_buffer=0)
+    batches = instantiate(cfg.data)(batch_size=p.batch_size, resampled=False, shuffle_buffer=0, endless=False)
     urls = precompute(teacher, batches, p.out, p.num_samples, p.samples_per_shard)
     print(f"train from them with: lcm-exp data=cached data.urls='{urls[0].rsplit('-', 1)[0]}-{{00000..{len(urls) - 1:05d}}}.tar'")
 

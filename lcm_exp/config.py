@@ -141,8 +141,10 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     cpu: bool = False  # force the CPU even where a GPU is present
     log_every: int = 10
+    progress_bar: Any = "auto"  # auto: a tqdm bar on a terminal, none in a log file | true | false
     validation_every: int = 0  # 0 = only at the end
     checkpoint_every: int = 0  # 0 = no intermediate checkpoints
+    checkpoint_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one
     checkpoints_total_limit: Optional[int] = 2
     resume: Optional[str] = None  # null | latest | path to a checkpoint folder
     output_dir: str = "."  # relative to the job's working dir (Hydra's run dir)
@@ -153,9 +155,6 @@ class TrainerConfig:
     attention: str = "auto"  # auto (SDPA; small heads on a CPU: our kernel) | sdpa | xformers
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNets (minutes of warm-up on a CPU: opt-in)
-    # CPU: each batch as N chunks whose loss and backward run at once, one thread each; auto = 2 on a CPU
-    # (off by default: with attention=auto they no longer pay on two cores; lcm-exp-bench measures it)
-    parallel_chunks: Any = 1
     # the teacher's and the target's no-grad passes on a second thread, beside the student's forward and backward
     # (same loss): auto = on a CPU with >= 2 threads | true | false
     overlap_frozen: Any = "auto"
@@ -255,8 +254,53 @@ class ConfigError(ValueError):
     """A value a user set that cannot work; the message says which key and what to do."""
 
 
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys of a typed group that its schema does not have: Hydra lets `+group.key=...` add them."""
+    import dataclasses
+    import typing
+
+    out = []
+    for group, schema in typing.get_type_hints(Config).items():
+        node = cfg.get(group)
+        if node is None or not dataclasses.is_dataclass(schema):
+            continue
+        known = {f.name for f in dataclasses.fields(schema)}
+        out += [f"{group}.{key}" for key in node if key not in known]
+    return out
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    import dataclasses
+    import difflib
+    import typing
+
+    group, leaf = key.split(".", 1)
+    known = [f.name for f in dataclasses.fields(typing.get_type_hints(Config)[group]) if not f.name.startswith("_")]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"Did you mean {group}.{close[0]}? " if close else ""
+    return ConfigError(f"Unknown key {key}: {group} has no such setting. {hint}Its settings: {', '.join(known)}. "
+                       f"See them with `lcm-exp --cfg job`.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check constraints between values, before anything is loaded."""
+    import torch
+
+    from omegaconf import OmegaConf
+
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise _unknown_key_error(unknown[0])
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"{', '.join(missing)} must be set (the chosen options leave {'it' if len(missing) == 1 else 'them'} "
+                          f"open), e.g. `lcm-exp {example}`" + (
+                              "; data.urls takes shards such as '/data/laion/{00000..00099}.tar'"
+                              if "data.urls" in missing else ""))
+    if cfg.trainer.mixed_precision == "fp16" and (cfg.trainer.cpu or not torch.cuda.is_available()):
+        raise ConfigError("trainer.mixed_precision=fp16 needs a CUDA GPU (fp16 matmuls do not run on a CPU here). "
+                          "On a CPU use trainer.mixed_precision=bf16, or no (fp32).")
     checks = [
         (cfg.skip.k >= 1, "skip.k", cfg.skip.k, "an integer >= 1 (the LCM default is 20)"),
         (cfg.guidance.w_min <= cfg.guidance.w_max, "guidance.w_min",
@@ -272,6 +316,14 @@ def validate(cfg: DictConfig) -> None:
          "one of " + ", ".join(ATTENTION_MODES)),
         (cfg.trainer.overlap_frozen in (True, False, "auto"), "trainer.overlap_frozen", cfg.trainer.overlap_frozen,
          "auto, true or false"),
+        (cfg.trainer.progress_bar in (True, False, "auto"), "trainer.progress_bar", cfg.trainer.progress_bar,
+         "auto, true or false"),
+        (cfg.trainer.checkpoint_every >= 0, "trainer.checkpoint_every", cfg.trainer.checkpoint_every,
+         ">= 0 (0: no checkpoints by step count)"),
+        (cfg.trainer.checkpoint_every_minutes >= 0, "trainer.checkpoint_every_minutes",
+         cfg.trainer.checkpoint_every_minutes, ">= 0 (0: no checkpoints by time)"),
+        (cfg.trainer.log_every >= 1, "trainer.log_every", cfg.trainer.log_every, ">= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0"),
         (cfg.trainer.mixed_precision in ("no", "fp16", "bf16"), "trainer.mixed_precision",
          cfg.trainer.mixed_precision, "one of no, fp16, bf16"),
         (cfg.trainer.resume in (None, "latest") or "/" in str(cfg.trainer.resume) or "checkpoint-" in str(cfg.trainer.resume),

@@ -18,14 +18,16 @@ class EMA:
         self.decay = float(decay)
         self.target = copy.deepcopy(online).requires_grad_(False).eval()
         names = {n for n, p in online.named_parameters() if p.requires_grad}
-        pairs = [(tp, op) for (n, tp), (_, op) in zip(self.target.named_parameters(), online.named_parameters())
+        pairs = [(n, tp, op) for (n, tp), (_, op) in zip(self.target.named_parameters(), online.named_parameters())
                  if n in names]
+        self._names = [n for n, _, _ in pairs]
+        pairs = [(tp, op) for _, tp, op in pairs]
         self._target_params = [tp for tp, _ in pairs]
         self._online_params = [op for _, op in pairs]
         self._master = self._target_params
         if dtype is not None and dtype != torch.float32 and cast_to_mixed_precision:
             self._master = [p.detach().float().clone() for p in self._target_params]
-            self.target.to(dtype)
+            torch.nn.Module.to(self.target, dtype)  # (diffusers' own `to` warns of fp32 modules it has none of)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -37,6 +39,17 @@ class EMA:
         torch._foreach_lerp_(self._master, online, 1.0 - self.decay)
         if self._master is not self._target_params:
             torch._foreach_copy_(self._target_params, self._master)
+
+    def averaged(self) -> torch.nn.Module:
+        """The target network with the averaged weights in fp32: the fp32 master itself, not the low-precision
+        copy that runs the target's forward pass under mixed precision (what is saved and exported)."""
+        if self._master is self._target_params:
+            return self.target
+        net = copy.deepcopy(self.target).float()
+        with torch.no_grad():
+            for name, master in zip(self._names, self._master):
+                net.get_parameter(name).copy_(master)
+        return net
 
     def owned_tensors(self) -> list[torch.Tensor]:
         """The tensors the EMA holds beyond the online network: the target (and its fp32 master, if separate)."""
@@ -65,6 +78,9 @@ class OnlineTarget:
 
     def update(self) -> None:
         pass
+
+    def averaged(self) -> torch.nn.Module:
+        return self.target
 
     def state_dict(self):
         return {}

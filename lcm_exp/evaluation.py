@@ -137,7 +137,7 @@ class Evaluator:
         """{"<model>_<n>step": latents, ..., "reference": latents} from the same noise, prompts and w."""
         student_unet = student_unet.to(self.device).eval()
         if student_unet.dtype != teacher.unet.dtype:
-            student_unet = student_unet.to(teacher.unet.dtype)
+            student_unet = torch.nn.Module.to(student_unet, teacher.unet.dtype)  # (no diffusers warning)
         pipes = self.pipelines(teacher, student_unet, original_inference_steps, timestep_scaling)
         noise = self.noise(teacher, len(prompts), height, width)
         out = {"reference": self._sample(pipes["teacher_ddim"], prompts, noise, self.reference_steps, w)}

@@ -10,6 +10,7 @@ checkpoint of a run (or a finished run's folder).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -36,16 +37,18 @@ def lcm_scheduler(teacher, k: int, timestep_scaling: float):
 
 
 def pipeline(teacher, unet, scheduler):
-    """A diffusers pipeline around `unet`: LatentConsistencyModelPipeline (SD 1/2), StableDiffusionXLPipeline
-    (SDXL, which feeds the w embedding itself when the UNet has time_cond_proj_dim)."""
+    """A diffusers pipeline around `unet` with the teacher's other components in fp32 (as loaded, not the copies
+    training cast to bf16/fp16): LatentConsistencyModelPipeline (SD 1/2), StableDiffusionXLPipeline (SDXL, which
+    feeds the w embedding itself when the UNet has time_cond_proj_dim)."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionXLPipeline
 
+    vae = teacher.vae  # (never cast: fp32)
     if getattr(teacher, "text_encoder_2", None) is not None:
-        return StableDiffusionXLPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder,
-                                         text_encoder_2=teacher.text_encoder_2, tokenizer=teacher.tokenizer,
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=teacher.fp32("text_encoder"),
+                                         text_encoder_2=teacher.fp32("text_encoder_2"), tokenizer=teacher.tokenizer,
                                          tokenizer_2=teacher.tokenizer_2, unet=unet, scheduler=scheduler,
                                          force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
-    return LatentConsistencyModelPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder,
+    return LatentConsistencyModelPipeline(vae=vae, text_encoder=teacher.fp32("text_encoder"),
                                           tokenizer=teacher.tokenizer, unet=unet, scheduler=scheduler,
                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -75,9 +78,7 @@ def export(teacher, student, unet, out_dir: str | Path, k: int, timestep_scaling
         info["load"] = (f"pipe = {cls.__name__}.from_pretrained(base_model); pipe.scheduler = "
                         "LCMScheduler.from_pretrained(folder, subfolder='scheduler'); pipe.load_lora_weights(folder)")
     else:
-        plain = unet
-        if unet.dtype != torch.float32:
-            plain = unet.to(torch.float32)
+        plain = unet if unet.dtype == torch.float32 else copy.deepcopy(unet).float()
         pipeline(teacher, plain, scheduler).save_pretrained(out, safe_serialization=True)
         info["load"] = "pipe = DiffusionPipeline.from_pretrained(folder)"
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2))

@@ -1,26 +1,26 @@
 """The generic runner: compose every config group into its component, train, evaluate, return the objective."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, validate
+from . import checkpoint as ckpt
+from .config import validate
 from .ema import OnlineTarget
 from .lcd import LCD
 from .optim import lr_schedule
+from .preemption import Preempted, SignalGuard, under_submitit
 from .tracking import run_tags
 from .validation import Validator
 
 log = logging.getLogger(__name__)
-# Keys that do not change what is trained: a checkpoint of the same config with other values of these resumes.
-RESUME_IGNORES = ("trainer.resume", "trainer.max_steps", "trainer.checkpoint_every", "trainer.checkpoints_total_limit",
-                  "trainer.log_every", "trainer.validation_every", "trainer.output_dir", "tracking", "eval")
 
 
 def hydra_dirs() -> tuple[Path, Path]:
@@ -33,114 +33,153 @@ def hydra_dirs() -> tuple[Path, Path]:
     return Path.cwd(), Path.cwd()
 
 
-def config_key(cfg: DictConfig) -> str:
-    """A hash of what determines the training trajectory, to match checkpoints for `trainer.resume=latest`."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for dotted in RESUME_IGNORES:
-        *parents, leaf = dotted.split(".")
-        node = c
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass
+class Parts:
+    """The components a run trains with, built from the config groups."""
+
+    teacher: object
+    student: object
+    ema: object
+    lcd: LCD
+    optimizer: object
+    scheduler: object
 
 
-def find_checkpoint(resume: str | None, key: str, start_dir: Path, out_dir: Path) -> Path | None:
-    """`latest`: the newest checkpoint of this same configuration among this start folder's runs
-    (outputs/ and multirun/, or this job's folder); else a given checkpoint folder."""
-    if not resume:
-        return None
-    if resume != "latest":
-        path = Path(resume).expanduser()
-        if not (path / "trainer_state.json").exists():
-            raise ConfigError(f"trainer.resume={resume}: no checkpoint there (no trainer_state.json). Give a "
-                              "checkpoint-<step> folder or trainer.resume=latest.")
-        return path
-    roots = {out_dir, start_dir / "outputs", start_dir / "multirun"}
-    found = []
-    for root in roots:
-        for state in root.glob("**/checkpoints/checkpoint-*/trainer_state.json"):
-            try:
-                meta = json.loads(state.read_text())
-            except (OSError, ValueError):
-                continue
-            if meta.get("config_key") == key:
-                found.append((meta["step"], state.stat().st_mtime, state.parent))
-    if not found:
-        log.warning("trainer.resume=latest: no checkpoint of this configuration under %s; starting from step 0",
-                    start_dir)
-        return None
-    return max(found)[2]
+def build(cfg: DictConfig, trainer) -> Parts:
+    """Teacher, student, target, LCD step, optimiser and lr schedule. The student is copied from the teacher's
+    fp32 weights; then the frozen teacher is cast to the mixed-precision dtype, while every trained parameter
+    stays fp32 (mixed precision computes in bf16/fp16 on fp32 master weights)."""
+    acc = trainer.accelerator
+    teacher = instantiate(cfg.teacher)
+    student = instantiate(cfg.student, teacher=teacher)
+    if cfg.method.from_scratch:  # consistency training from scratch: a randomly initialised student
+        reinitialise(student.unet)
+    teacher.to(acc.device, trainer.weight_dtype)
+    student.unet.to(acc.device)
+    for p in student.trainable_parameters():  # (LoRA's adapters sit in the teacher's UNet, cast just above)
+        p.data = p.data.float()
+    ema = (instantiate(cfg.ema)(online=student.unet, dtype=trainer.weight_dtype) if student.ema_target
+           else OnlineTarget(student.unet))
+    lcd = LCD(student=student.unet, target=ema.target, teacher=student.teacher_unet or teacher.unet,
+              method=cfg.method.name,
+              alphas_cumprod=teacher.scheduler.alphas_cumprod.to(acc.device), prediction_type=teacher.prediction_type,
+              solver=instantiate(cfg.solver), skip=instantiate(cfg.skip)(num_train_timesteps=teacher.num_train_timesteps),
+              guidance=instantiate(cfg.guidance), distance=instantiate(cfg.loss),
+              w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
+              timestep_scaling=student.timestep_scaling,
+              teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
+              batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
+    optimizer = instantiate(cfg.optim)(params=student.trainable_parameters())
+    n = acc.num_processes  # accelerate steps a prepared scheduler once per process
+    scheduler = lr_schedule(optimizer, cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps * n, cfg.trainer.max_steps * n)
+    return Parts(teacher, student, ema, lcd, optimizer, scheduler)
 
 
 def run(cfg: DictConfig) -> float:
-    """Distils with the composed config; returns the objective (eval.objective, or the final train loss)."""
+    """Distils with the composed config; returns the objective (eval.objective, or the final train loss).
+    Raises `Preempted` after a preemption signal (once the state is checkpointed) and a failure's own error (after
+    saving the trained state when the failure left it whole); either way the MLflow run ends KILLED/FAILED and the
+    last lines printed name the newest checkpoint and the command that resumes it."""
     validate(cfg)
     start_dir, out_dir = hydra_dirs()
     trainer = instantiate(cfg.trainer)(output_dir=str(out_dir / cfg.trainer.output_dir))
     acc = trainer.accelerator
-    key = config_key(cfg)
-    resume_from = find_checkpoint(cfg.trainer.resume, key, start_dir, out_dir)
-    resumed_state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
+    # (a job submitit requeued after a preemption resumes from its own folder by itself)
+    candidates = ckpt.find(cfg.trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
+    resumed = ckpt.read_state(candidates[0]) if candidates else {}
 
     tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
     if not acc.is_main_process:
         tracker.enabled = False
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(cfg)}
-    tracker.start(resolved, tags=tags, run_id=resumed_state.get("mlflow_run_id"))
-    if resumed_state:  # a continued run keeps its tags; these may have changed
-        tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective", "lcm_exp.objective_direction")})
+    tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(cfg),
+            "lcm_exp.world_size": str(acc.num_processes)}
+    tracker.start(resolved, tags=tags, run_id=resumed.get("mlflow_run_id"))
+    if resumed:  # a continued run keeps its tags; these may have changed
+        tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective",
+                                               "lcm_exp.objective_direction")} | {"lcm_exp.preempted": "false"})
     log_config(tracker, cfg, out_dir)
-    status, error = "FAILED", None
+    status, error, data = "FAILED", None, None
+    keep = {"config_key": ckpt.config_key(cfg), "config": ckpt.trajectory_config(cfg), "mlflow_run_id": tracker.run_id}
+    with SignalGuard() as guard:
+        try:
+            parts = build(cfg, trainer)
+            teacher, student, ema = parts.teacher, parts.student, parts.ema
+            trainer.prepare(parts.lcd, student, ema, parts.optimizer, parts.scheduler)
+            state = trainer.resume_from(candidates)
+            data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size, rank=acc.process_index,
+                                         world_size=acc.num_processes, teacher=teacher, state=state.get("data"))
+            validator = Validator(teacher, student.unet, ema.target, skip_k=cfg.skip.k,
+                                  timestep_scaling=student.timestep_scaling, resolution=cfg.data.resolution,
+                                  out_dir=out_dir, tracker=tracker, steps=tracker.validation_steps,
+                                  prompts=tracker.validation_prompts, seed=cfg.trainer.seed,
+                                  w=(cfg.guidance.w_min + cfg.guidance.w_max) / 2, unwrap=trainer.unwrap,
+                                  dtype=trainer.weight_dtype)
+            on_validate = validator if acc.is_main_process else None
+            stats = trainer.fit(teacher, data, tracker, max_grad_norm=cfg.optim.max_grad_norm, guard=guard,
+                                on_validate=on_validate, state=keep)
+            if acc.num_processes > 1 and trainer.saved_step != trainer.global_step:
+                trainer.save_checkpoint(data, keep)  # (rank 0 alone could not save it if the end fails)
+            if on_validate and trainer.global_step > 0:
+                validator(trainer.global_step)  # validation_every=0: only at the end; else the final step too
+            objective = float(stats.get("train/loss", float("nan")))
+            if acc.is_main_process:
+                save_students(trainer, student, ema, tracker)
+                if cfg.export.enabled:
+                    export_at_end(cfg, teacher, student, ema, trainer, tracker)
+                if cfg.eval.enabled:
+                    objective = evaluate_at_end(cfg, teacher, student, ema, trainer, tracker)
+            status = "FINISHED"
+            log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
+            return objective
+        except BaseException as e:
+            error = e
+            status = "KILLED" if isinstance(e, Preempted) else "FAILED"
+            with guard.deferred():  # (a second signal must not cut this save short)
+                save_what_is_done(trainer, data, keep)
+                if isinstance(e, Preempted):
+                    tracker.set_tags({"lcm_exp.preempted": "true", "lcm_exp.preempted_by": e.signame,
+                                      "lcm_exp.preempted_at_step": str(trainer.global_step)})
+            raise
+        finally:
+            with guard.deferred():
+                tracker.end(status, error=error)
+            if error is not None:
+                error.lcm_exp_hint = resume_hint(trainer, error, start_dir)  # (printed last, by the entry point)
+
+
+def save_what_is_done(trainer, data, keep: dict | None) -> None:
+    """After a failure or a preemption: a checkpoint of the trained state when there is one to save (training
+    has started, it is between two steps, and it is not saved yet). A single process only: with several ranks
+    the others may be gone (they checkpoint together at the end of training instead)."""
+    if (data is None or trainer.executor is None or not trainer.at_boundary or trainer.global_step == 0
+            or trainer.saved_step == trainer.global_step or trainer.accelerator.num_processes > 1):
+        return
     try:
-        teacher = instantiate(cfg.teacher).to(acc.device, trainer.weight_dtype)
-        student = instantiate(cfg.student, teacher=teacher)
-        if cfg.method.from_scratch:  # consistency training from scratch: a randomly initialised student
-            reinitialise(student.unet)
-        student.unet.to(acc.device)
-        ema = (instantiate(cfg.ema)(online=student.unet, dtype=trainer.weight_dtype) if student.ema_target
-               else OnlineTarget(student.unet))
-        lcd = LCD(student=student.unet, target=ema.target, teacher=student.teacher_unet or teacher.unet,
-                  method=cfg.method.name,
-                  alphas_cumprod=teacher.scheduler.alphas_cumprod.to(acc.device), prediction_type=teacher.prediction_type,
-                  solver=instantiate(cfg.solver), skip=instantiate(cfg.skip)(num_train_timesteps=teacher.num_train_timesteps),
-                  guidance=instantiate(cfg.guidance), distance=instantiate(cfg.loss),
-                  w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
-                  timestep_scaling=student.timestep_scaling,
-                  teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
-                  batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
-        optimizer = instantiate(cfg.optim)(params=student.trainable_parameters())
-        n = acc.num_processes  # accelerate steps a prepared scheduler once per process
-        scheduler = lr_schedule(optimizer, cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps * n, cfg.trainer.max_steps * n)
-        data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size, rank=acc.process_index,
-                                     world_size=acc.num_processes, teacher=teacher)
-        validator = Validator(teacher, student.unet, ema.target, skip_k=cfg.skip.k,
-                              timestep_scaling=student.timestep_scaling, resolution=cfg.data.resolution,
-                              out_dir=out_dir, tracker=tracker, steps=tracker.validation_steps,
-                              prompts=tracker.validation_prompts, seed=cfg.trainer.seed,
-                              w=(cfg.guidance.w_min + cfg.guidance.w_max) / 2, unwrap=trainer.unwrap)
-        on_validate = validator if acc.is_main_process else None
-        stats = trainer.fit(lcd, teacher, student, ema, optimizer, scheduler, data, tracker,
-                            max_grad_norm=cfg.optim.max_grad_norm, resume_from=resume_from, on_validate=on_validate,
-                            ckpt_extra={"config_key": key, "mlflow_run_id": tracker.run_id})
-        if on_validate and trainer.global_step > 0:
-            validator(trainer.global_step)  # validation_every=0: only at the end; else the final step too
-        objective = float(stats.get("train/loss", float("nan")))
-        if acc.is_main_process:
-            save_students(trainer, student, ema, tracker)
-            if cfg.export.enabled:
-                export_at_end(cfg, teacher, student, ema, trainer, tracker)
-            if cfg.eval.enabled:
-                objective = evaluate_at_end(cfg, teacher, student, ema, trainer, tracker)
-        status = "FINISHED"
-        log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
-        return objective
-    except BaseException as e:
-        error = e
-        raise
-    finally:
-        tracker.end(status, error=error)
+        trainer.save_checkpoint(data, keep)
+    except Exception as e:  # noqa: BLE001 - the original error is the one to report
+        log.error("could not checkpoint step %d after the failure: %s: %s", trainer.global_step, type(e).__name__, e)
+
+
+def resume_hint(trainer, error: BaseException, start_dir: Path) -> str:
+    """The last lines of a failed or preempted run: what happened, the newest checkpoint, the resume command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    newest = ckpt.listed(trainer.checkpoint_dir)
+    if not newest and trainer.global_step == 0:
+        return ""  # nothing trained, nothing to resume
+    what = (f"preempted by {error.signame} at step {trainer.global_step}" if isinstance(error, Preempted)
+            else f"stopped at step {trainer.global_step} by {type(error).__name__}: {error}".splitlines()[0])
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    overrides = [o for o in overrides if not o.startswith("trainer.resume=")] + ["trainer.resume=latest"]
+    lines = [f"lcm-exp: {what}"]
+    if newest:
+        lines += [f"lcm-exp: newest checkpoint: {newest[-1].resolve()}",
+                  f"lcm-exp: resume with (from {start_dir}): lcm-exp {' '.join(shlex.quote(o) for o in overrides)}"]
+    else:
+        lines += ["lcm-exp: no checkpoint was written (set trainer.checkpoint_every=N or "
+                  "trainer.checkpoint_every_minutes=M to keep one)"]
+    return "\n".join(lines)
 
 
 def log_config(tracker, cfg: DictConfig, out_dir: Path) -> None:
@@ -182,12 +221,12 @@ def save_students(trainer, student, ema, tracker) -> None:
 
         nets = {"student_lora": trainer.unwrap(student.unet)}
         if student.ema_target:
-            nets["target_lora"] = ema.target
+            nets["target_lora"] = ema.averaged()
         for sub, net in nets.items():
             StableDiffusionPipeline.save_lora_weights(out / sub, unet_lora_layers=lora_state_dict(net))
     else:
         trainer.unwrap(student.unet).save_pretrained(out / "student_unet")
-        ema.target.save_pretrained(out / "target_unet")
+        ema.averaged().save_pretrained(out / "target_unet")
     (out / "lcm_exp_run.json").write_text(json.dumps(
         {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "step": trainer.global_step}, indent=2))
 
@@ -196,7 +235,7 @@ def export_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> N
     """The diffusers export (`export.py`) of the trained student, logged as the MLflow artifact `model`."""
     from .export import export
 
-    unet = ema.target if cfg.export.model == "target" else trainer.unwrap(student.unet)
+    unet = ema.averaged() if cfg.export.model == "target" else trainer.unwrap(student.unet)
     folder = export(teacher, student, unet, trainer.output_dir / cfg.export.dir, k=int(cfg.skip.k),
                     step=trainer.global_step)
     tracker.log_artifact(folder, "model")
@@ -211,7 +250,7 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) ->
     """The evaluation of issue 4 on the trained student; returns `cfg.eval.objective`."""
     from .evaluation import evaluate_run
 
-    unet = ema.target if cfg.eval.model == "target" else trainer.unwrap(student.unet)
+    unet = ema.averaged() if cfg.eval.model == "target" else trainer.unwrap(student.unet)
     unet = student.inference_unet(unet)  # LoRA: merged into a plain UNet copy
     if student.kind == "lora":  # from here on teacher.unet is the teacher again (eval's baselines)
         trainer.unwrap(student.unet).disable_adapters()

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import torch
 
+from .config import ConfigError
+
 
 class SkipSchedule:
     """Draws the pair (t_{n+k}, t_n) of the consistency condition (LCM paper eq. 8, skipping k steps)."""
 
     def __init__(self, num_train_timesteps: int, k: int):
         if k > num_train_timesteps:
-            raise ValueError(f"skip.k={k} exceeds the teacher's {num_train_timesteps} training timesteps")
+            raise ConfigError(f"Invalid value for skip.k: {k} is more than the teacher's {num_train_timesteps} "
+                              f"training timesteps. Expected 1 <= skip.k <= {num_train_timesteps} (the LCM default "
+                              "is 20), e.g. `lcm-exp skip.k=20`.")
         self.k = int(k)
         self.num_steps = num_train_timesteps // self.k  # N
         self.timesteps = torch.arange(1, self.num_steps + 1) * self.k - 1  # t_1 .. t_N

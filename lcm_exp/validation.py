@@ -27,8 +27,9 @@ PROMPTS = ("a large red circle in the center on a white background",
 class Validator:
     def __init__(self, teacher, student_unet, target_unet, skip_k: int, timestep_scaling: float, resolution: int,
                  out_dir: str | Path, tracker=None, steps=(1, 2, 4), prompts=(), seed: int = 0,
-                 w: float = 7.0, unwrap=lambda m: m):
+                 w: float = 7.0, unwrap=lambda m: m, dtype: torch.dtype = torch.float32):
         self.teacher, self.student_unet, self.target_unet, self.unwrap = teacher, student_unet, target_unet, unwrap
+        self.dtype = dtype  # the training's mixed-precision dtype: the UNet and text encoder run under its autocast
         self.resolution, self.out_dir, self.tracker = int(resolution), Path(out_dir), tracker
         self.steps, self.prompts = [int(s) for s in steps] or [1, 2, 4], list(prompts) or list(PROMPTS)
         self.seed, self.w = int(seed), float(w)
@@ -51,10 +52,14 @@ class Validator:
                 gen = torch.Generator("cpu").manual_seed(self.seed)
                 latents = torch.randn((len(self.prompts), unet.config.in_channels, self.resolution // pipe.vae_scale_factor,
                                        self.resolution // pipe.vae_scale_factor), generator=gen)
-                out = pipe(self.prompts, height=self.resolution, width=self.resolution, num_inference_steps=n,
-                           guidance_scale=self.w + 1.0 if takes_w else 1.0,
-                           latents=latents.to(unet.device, unet.dtype), output_type="pil")
-                rows.append((n, out.images))
+                # (the generator also draws the LCM sampler's noise between steps: validation never touches
+                # torch's global RNG, so a resumed run draws what the uninterrupted one did)
+                with mixed_precision(unet.device, self.dtype):
+                    out = pipe(self.prompts, height=self.resolution, width=self.resolution, num_inference_steps=n,
+                               guidance_scale=self.w + 1.0 if takes_w else 1.0, generator=gen,
+                               latents=latents.to(unet.device, self.teacher.text_encoder.dtype), output_type="latent")
+                pixels = (self.teacher.decode_latents(out.images.float()).float().cpu() + 1) / 2  # fp32 VAE
+                rows.append((n, to_pil(pixels)))
         finally:
             unet.train(was_training)
         return make_grid(rows, self.prompts, title)
@@ -76,6 +81,22 @@ class Validator:
                 self.tracker.log_artifact(path, f"validation/step_{step:06d}")
         log.info("validation grids at step %d: %s", step, folder)
         return paths
+
+
+def mixed_precision(device: torch.device, dtype: torch.dtype):
+    """Autocast to the training's low-precision dtype (the frozen text encoder runs in it, the student's weights
+    are fp32); nothing under fp32 training."""
+    import contextlib
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images."""
+    arr = (pixels.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
 
 
 def make_grid(rows: list[tuple[int, list[Image.Image]]], prompts: list[str], title: str = "") -> Image.Image:

@@ -68,20 +68,18 @@ def test_bench_defaults_to_the_tiny_test_teacher():
 
 def test_ablations_resolve():
     each = ablations(["each"])
-    assert set(each) == set(ABLATIONS) and each["parallel_chunks"] == ["trainer.parallel_chunks=1"]
+    assert set(each) == set(ABLATIONS) and each["overlap_frozen"] == ["trainer.overlap_frozen=false"]
     assert set(each["all"]) >= {"trainer.batched_cfg=false", "bench.cached=false", "optim.fused=false"}
     assert list(ablations(["cached", "each"]))[0] == "cached"
     with pytest.raises(ValueError, match="unknown switch"):
         ablations(["batched"])
     cfg = variant(compose_bench(), ABLATIONS["all"])
-    assert cfg.trainer.parallel_chunks == 1 and cfg.trainer.batched_cfg is False and cfg.bench.cached is False
+    assert cfg.trainer.overlap_frozen is False and cfg.trainer.batched_cfg is False and cfg.bench.cached is False
 
 
 def test_ablations_that_would_change_nothing_are_named():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     cfg = compose_bench()
-    assert "already off" in inert("parallel_chunks", cfg, cpu)
-    assert inert("parallel_chunks", compose_bench("trainer.parallel_chunks=2"), cpu) is None
     assert "fp32" in inert("cast_frozen", cfg, cpu)
     assert inert("cast_frozen", compose_bench("trainer.mixed_precision=bf16"), cuda) is None
     assert inert("attention", cfg, cpu) is None and "SDPA" in inert("attention", cfg, cuda)
@@ -99,15 +97,15 @@ def test_bench_runs_overlap_frozen_at_half_the_threads_and_counts_its_flops(tmp_
         s = Setup(cfg)
         ref, ours = Reference(s), Ours(s)
         serial = Ours(s, variant(cfg, ABLATIONS["overlap_frozen"]), name="without_overlap_frozen")
-        assert ours.trainer.overlap and not serial.trainer.overlap
+        assert ours.overlap and not serial.overlap
         # each path starts its steps with its own thread count: the reference and the serial step all of them
         for path, n in ((ours, 1), (ref, 2), (ours, 1), (serial, 2)):
             path.activate()
             assert torch.get_num_threads() == n
         # with the overlap on, teacher_first orders nothing; with it off (here: one thread) it is named as off
-        assert "own thread" in inert("teacher_first", cfg, torch.device("cpu"), ours.trainer)
-        assert inert("overlap_frozen", cfg, torch.device("cpu"), ours.trainer) is None
-        assert "off here" in inert("overlap_frozen", cfg, torch.device("cpu"), serial.trainer)
+        assert "own thread" in inert("teacher_first", cfg, torch.device("cpu"), ours)
+        assert inert("overlap_frozen", cfg, torch.device("cpu"), ours) is None
+        assert "off here" in inert("overlap_frozen", cfg, torch.device("cpu"), serial)
         # the FLOP counter sees its own thread only: the overlapped step is counted serially, so all its passes count
         flops = count_flops(ours, 1)
         assert flops == count_flops(serial, 1) > 0
@@ -154,23 +152,19 @@ def test_rounds_count_work_a_step_leaves_running():
 
 
 def test_ablations_change_their_own_switch_only(tmp_path, monkeypatch):
-    """Switches that resolve at run time keep ours' values in an ablation: without chunks, overlap_frozen=auto
-    would turn on and the ablation would time the overlap instead of the serial step."""
+    """Switches that resolve at run time keep ours' values in an ablation: on one thread overlap_frozen=auto is
+    off for ours, so an ablation of another switch must not turn it on."""
     monkeypatch.chdir(tmp_path)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        cfg = compose_bench(f"data.cache_dir={tmp_path}", "trainer.parallel_chunks=2")
-        s = Setup(cfg)
-        ours = Ours(s).trainer
-        assert ours.chunks == 2 and not ours.overlap
-        without = Ours(s, ablation(cfg, ours, ABLATIONS["parallel_chunks"])).trainer
-        assert without.chunks == 1 and not without.overlap
-        assert Ours(s, variant(cfg, ABLATIONS["parallel_chunks"])).trainer.overlap  # (what pinning prevents)
         cfg = compose_bench(f"data.cache_dir={tmp_path}")
-        ours = Ours(Setup(cfg)).trainer
+        ours = Ours(Setup(cfg))
         assert ours.overlap and ablation(cfg, ours, ABLATIONS["attention"]).trainer.overlap_frozen is True
         assert ablation(cfg, ours, ABLATIONS["all"]).trainer.overlap_frozen is False
+        torch.set_num_threads(1)
+        ours = Ours(Setup(cfg))
+        assert not ours.overlap and ablation(cfg, ours, ABLATIONS["attention"]).trainer.overlap_frozen is False
     finally:
         torch.set_num_threads(before)
 
@@ -192,8 +186,8 @@ def test_bench_command_prints_json_last(tmp_path):
     r = subprocess.run([sys.executable, "-c", "from lcm_exp.cli import bench; bench()", "data.resolution=32",
                         "trainer.batch_size=2", "bench.warmup=1", "bench.rounds=2", "bench.steps_per_round=1",
                         "bench.flops=true", f"data.cache_dir={tmp_path}",
-                        "bench.ablate=[parallel_chunks,attention,cast_frozen]"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+                        "bench.ablate=[overlap_frozen,attention,cast_frozen]"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("reference_samples_per_s", "ours_samples_per_s", "speedup", "reference_peak_mem_mb",
@@ -202,13 +196,13 @@ def test_bench_command_prints_json_last(tmp_path):
     assert result["device"] == "cpu" and result["steps_timed"] == 2
     assert result["speedup"] == result["ours_samples_per_s"] / result["reference_samples_per_s"]
     # the ablation ran interleaved with the others: ours with its attention kernel, the variant with SDPA;
-    # chunks are off by default and nothing is cast in fp32, so there was no variant without them to time
+    # one thread leaves the overlap off and nothing is cast in fp32, so there was no variant without them to time
     assert result["without_attention_samples_per_s"] > 0
     assert result["speedup_without_attention"] == (result["without_attention_samples_per_s"]
                                                    / result["reference_samples_per_s"])
     assert "without_attention" in r.stdout.strip().splitlines()[-3]
-    assert result["ours_parallel_chunks"] == 1 and "without_parallel_chunks_samples_per_s" not in result
-    assert "without parallel_chunks here: it is already off" in r.stderr + r.stdout
+    assert result["ours_overlap_frozen"] is False and "without_overlap_frozen_samples_per_s" not in result
+    assert "without overlap_frozen here: trainer.overlap_frozen=auto is off here" in r.stderr + r.stdout
     assert "without_cast_frozen_samples_per_s" not in result and "nothing is cast in fp32" in r.stderr + r.stdout
     # ours runs one batched teacher pass and skips the encoders: fewer FLOPs per step than the reference
     assert 0 < result["ours_tflop_per_step"] < result["reference_tflop_per_step"]

@@ -9,9 +9,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from lcm_exp import executors
 from lcm_exp.bench import Setup
 from lcm_exp.cli import config_dir
 from lcm_exp.config import register
+from lcm_exp.executors import Overlapped
 from lcm_exp.lcd import LCD
 from lcm_exp.optim import lr_schedule
 
@@ -46,12 +48,24 @@ class Parts:
                        batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
         self.data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size)
 
+    def prepare(self):
+        self.trainer.prepare(self.lcd, self.s.student, self.ema, self.optimizer, self.scheduler)
+        return self.trainer
+
     def fit(self, on_validate=None):
         losses = {}
-        self.trainer.fit(self.lcd, self.s.teacher, self.s.student, self.ema, self.optimizer, self.scheduler, self.data,
-                         _NoTracker(), max_grad_norm=1.0, on_log=lambda step, stats: losses.update({step: stats["train/loss"]}),
-                         on_validate=on_validate)
+        self.prepare()
+        self.trainer.fit(self.s.teacher, self.data, _NoTracker(), max_grad_norm=1.0, on_validate=on_validate,
+                         on_log=lambda step, stats: losses.update({step: stats["train/loss"]}))
         return losses
+
+    def executor(self, **kw):
+        """The executor `trainer.overlap_frozen` resolves to for these parts (`kw`: overrides of build's)."""
+        t = self.trainer
+        args = dict(overlap_frozen=t.overlap_frozen, lcd=self.lcd, student_unet=self.s.student.unet,
+                    condition=t.condition, device=t.accelerator.device, compile=t.compile,
+                    context=t.accelerator.autocast) | kw
+        return executors.build(**args)
 
 
 class _NoTracker:
@@ -88,13 +102,15 @@ def test_overlap_repeats_the_sequential_run(tmp_path, monkeypatch, threads, n_th
         hooks = []
 
         def on_validate(step, parts=parts):  # validation sees no work running and the caller's full threads
-            hooks.append((step, torch.get_num_threads(), parts.trainer._frozen and parts.trainer._frozen._ahead))
+            ex = parts.trainer.executor
+            hooks.append((step, torch.get_num_threads(), ex.frozen._ahead if isinstance(ex, Overlapped) else None))
             torch.randn(3)  # and draws from torch's default generator, as the validation sampler does
         losses = parts.fit(on_validate)
         rng = torch.load(next(Path("checkpoints").glob("checkpoint-2/random_states_0.pkl")), weights_only=False)
         results[overlap] = (losses, [p.detach().clone() for p in parts.s.student.unet.parameters()], seen, hooks,
                             rng["torch_manual_seed"])
-        assert parts.trainer.overlap is overlap and torch.get_num_threads() == n_threads  # (given back at the end)
+        assert isinstance(parts.trainer.executor, Overlapped) is overlap
+        assert torch.get_num_threads() == n_threads  # (given back at the end)
         assert not [t for t in threading.enumerate() if t.name.startswith("lcd-frozen")]  # (and the worker gone)
 
     (losses_o, weights_o, seen_o, hooks_o, rng_o), (losses_s, weights_s, seen_s, _, rng_s) = results[True], results[False]
@@ -134,7 +150,7 @@ def test_worker_errors_reach_the_caller(tmp_path, monkeypatch, threads):
     monkeypatch.setattr(parts.lcd, "target_fn", broken)
     with pytest.raises(RuntimeError, match="target exploded"):
         parts.fit()
-    assert parts.trainer.overlap and names == ["lcd-frozen_0"]  # auto, on two threads: raised on the worker
+    assert isinstance(parts.trainer.executor, Overlapped) and names == ["lcd-frozen_0"]  # auto, two threads: worker
     # nothing left running and the threads given back (a multirun's next job in this process starts clean)
     assert torch.get_num_threads() == 2
     assert not [t for t in threading.enumerate() if t.name.startswith("lcd-frozen")]
@@ -151,25 +167,17 @@ def test_auto_turns_on_for_a_multicore_cpu_only(tmp_path, monkeypatch, threads):
     monkeypatch.chdir(tmp_path)
     threads(2)
     parts = Parts(compose_bench(tmp_path))
-    trainer = parts.trainer
-    trainer.prepare(parts.lcd, parts.s.student, parts.ema, parts.optimizer, parts.scheduler)
-    assert trainer.overlap and trainer.step_threads == 1
+    trainer = parts.prepare()
+    assert isinstance(trainer.executor, Overlapped) and trainer.executor.threads == 1
     threads(1)
-    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is False
-    trainer.overlap_frozen = True  # asked for: one thread per stream
-    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is True
+    assert not isinstance(parts.executor(), Overlapped)
+    assert isinstance(parts.executor(overlap_frozen=True), Overlapped)  # asked for: one thread per stream
     threads(2)
-    trainer.overlap_frozen, trainer.compile = "auto", True
-    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is False
-    trainer.overlap_frozen = True
+    assert not isinstance(parts.executor(compile=True), Overlapped)
     with pytest.raises(ValueError, match="trainer.compile=true"):
-        trainer._resolve_overlap(parts.lcd, parts.s.student)
-    trainer.compile, trainer.chunks = False, 2
-    with pytest.raises(ValueError, match="parallel_chunks=2"):
-        trainer._resolve_overlap(parts.lcd, parts.s.student)
-    trainer.chunks, trainer.overlap_frozen = 1, "yes"
+        parts.executor(overlap_frozen=True, compile=True)
     with pytest.raises(ValueError, match="auto, true or false"):
-        trainer._resolve_overlap(parts.lcd, parts.s.student)
+        parts.executor(overlap_frozen="yes")
 
 
 @pytest.mark.parametrize("override,message", [("student=lora", "LCM-LoRA"),
@@ -179,22 +187,19 @@ def test_overlap_refuses_shared_modules_and_shared_draws(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     threads(2)
     parts = Parts(compose_bench(tmp_path, override))
-    trainer = parts.trainer
-    trainer.chunks = 1
+    kw = {}
     if override == "student=lora":
         parts.lcd.teacher = parts.s.student.teacher_unet  # the student with its adapters off
     elif override == "student.stochastic_depth=0.1":
-        trainer.overlap_frozen = "auto"  # with an EMA target (eval mode) the student's draws are its own: fine
-        assert trainer._resolve_overlap(parts.lcd, parts.s.student) is True
+        # with an EMA target (eval mode) the student's draws are its own: fine
+        assert isinstance(parts.executor(overlap_frozen="auto"), Overlapped)
         parts.lcd.target = parts.s.student.unet  # an online target draws its masks on the worker
     else:
-        monkeypatch.setattr(type(trainer.accelerator), "device", property(lambda self: torch.device("cuda")))
-    trainer.overlap_frozen = "auto"
-    assert trainer._resolve_overlap(parts.lcd, parts.s.student) is False  # auto: quietly off
-    trainer.overlap_frozen = True
+        kw["device"] = torch.device("cuda")
+    assert not isinstance(parts.executor(overlap_frozen="auto", **kw), Overlapped)  # auto: quietly off
     with pytest.raises(ValueError, match=message) as e:
-        trainer._resolve_overlap(parts.lcd, parts.s.student)
+        parts.executor(overlap_frozen=True, **kw)
     assert "trainer.overlap_frozen=false" in str(e.value)
     if override == "student=lora":  # consistency training has no teacher pass: nothing shared
         parts.lcd.method = "ct"
-        assert trainer._resolve_overlap(parts.lcd, parts.s.student) is True
+        assert isinstance(parts.executor(overlap_frozen=True), Overlapped)

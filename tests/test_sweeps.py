@@ -51,7 +51,7 @@ def test_sweep_values():
     loss = compose_sweep("loss").hydra.sweeper.params["loss"]
     assert loss.count("losses.l2") == 1 and loss.count("losses.huber") >= 3
     search = compose_sweep("search")
-    assert search.hydra.sweeper._target_.endswith("OptunaSweeper") and search.hydra.sweeper.direction == "maximize"
+    assert search.hydra.sweeper._target_.endswith("SearchSweeper") and search.hydra.sweeper.direction == "auto"
     assert set(search.hydra.sweeper.params) == {"optim.lr", "loss.huber_c", "guidance.w_min", "guidance.w_max",
                                                 "ema.decay"}
     assert search.eval.enabled

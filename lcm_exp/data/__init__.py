@@ -8,7 +8,7 @@ from .cached import cached_loader  # noqa: F401  (data=cached)
 
 def webdataset_loader(batch_size: int, urls: str | None = None, rank: int = 0, world_size: int = 1, **cfg):
     """`data=webdataset`: real LAION-style shards (img2dataset layout) from `data.urls`."""
-    return wds.loader(urls, batch_size=batch_size, rank=rank, world_size=world_size, **cfg)
+    return wds.loader(urls, batch_size=batch_size, rank=rank, world_size=world_size, **{"endless": True, **cfg})
 
 
 def shapes_loader(batch_size: int, num_samples: int = 5000, resolution: int = 64, seed: int = 0,
@@ -19,5 +19,5 @@ def shapes_loader(batch_size: int, num_samples: int = 5000, resolution: int = 64
     cfg.pop("urls", None)
     urls = ensure_shards(cache_dir, "train", num_samples, resolution, seed)
     return wds.loader(urls, batch_size=batch_size, resolution=resolution, seed=seed, rank=rank,
-                      world_size=world_size, **cfg)
+                      world_size=world_size, **{"endless": True, **cfg})
 

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from .wds import webdataset
+from .stream import ShardStream, batches, usable_workers
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +57,32 @@ def precompute(teacher, batches, out_dir: str | os.PathLike, num_samples: int, s
     return sorted(str(p) for p in out_dir.glob("cached-*.tar"))
 
 
-def _collate(samples):
-    stack = lambda k: torch.from_numpy(np.stack([s[k] for s in samples])).float()  # noqa: E731
-    return {"latent_mean": stack("mean.npy"), "latent_std": stack("std.npy"), "encoder_hidden_states": stack("emb.npy"),
-            "captions": [s["txt"] for s in samples], "n_skipped": 0}
+def _array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def loader(urls, batch_size: int, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, **_):
-    ds = webdataset(urls, seed + rank, resampled=True, shardshuffle=False, empty_check=False, nodesplitter=None,
-                    handler=wds.warn_and_continue)  # (each rank draws its own resampled stream, as wds.loader's)
-    if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, rng=random.Random(seed + rank))
-    return ds.select(lambda s: "mean.npy" in s).decode().batched(batch_size, collation_fn=_collate, partial=False)
+def decode(sample: dict, rng=None):
+    """A cached sample → its posterior mean and std, text embedding and caption (raises for a corrupt one)."""
+    if "mean.npy" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} is not a data=cached sample "
+                         "(no mean.npy): make the shards with lcm-exp-precompute")
+    txt = sample.get("txt", b"")
+    return (_array(sample["mean.npy"]), _array(sample["std.npy"]), _array(sample["emb.npy"]),
+            txt.decode("utf-8") if isinstance(txt, bytes) else str(txt))
+
+
+def collate(items) -> dict:
+    stack = lambda i: torch.from_numpy(np.stack([s[i] for s in items])).float()  # noqa: E731
+    return {"latent_mean": stack(0), "latent_std": stack(1), "encoder_hidden_states": stack(2),
+            "captions": [s[3] for s in items]}
+
+
+def loader(urls, batch_size: int, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0, world_size: int = 1,
+           resampled: bool = True, num_workers: int = 0, state: dict | None = None, **_):
+    """An endless, resumable stream of cached batches (`lcm_exp.data.stream`)."""
+    return batches(ShardStream(urls, decode, collate, batch_size, seed=seed, rank=rank, world_size=world_size,
+                               shuffle_buffer=shuffle_buffer, resampled=resampled,
+                               num_workers=usable_workers(num_workers), state=state))
 
 
 def cached_loader(batch_size: int, teacher=None, urls: str | None = None, num_samples: int = 5000, resolution: int = 64,
@@ -85,7 +98,7 @@ def cached_loader(batch_size: int, teacher=None, urls: str | None = None, num_sa
         out = Path(cache_dir).expanduser() / f"cached-shapes-{key}"
         if not (out / "done.json").exists():
             src = shapes_loader(batch_size=50, num_samples=num_samples, resolution=resolution, seed=seed,
-                                cache_dir=cache_dir, resampled=False, shuffle_buffer=0)
+                                cache_dir=cache_dir, resampled=False, shuffle_buffer=0, endless=False)
             precompute(teacher, src, out, num_samples)
         urls = sorted(str(p) for p in out.glob("cached-*.tar"))
-    return loader(urls, batch_size, seed=seed, rank=rank, **cfg)
+    return loader(urls, batch_size, seed=seed, rank=rank, world_size=world_size, **cfg)

@@ -6,6 +6,7 @@ teachers are first built into a cache folder in that same layout.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ class Teacher:
     tokenizer: CLIPTokenizer
     scheduler: DDPMScheduler
     cast_to_mixed_precision: bool = True
+    revision: str | None = None  # where `path` was loaded from, to load fp32 components again (the export)
+    variant: str | None = None
     # the unconditional embeddings depend on the batch (SDXL: its micro-conditioning sizes), so not cached once
     per_sample_uncond = False
 
@@ -48,9 +51,21 @@ class Teacher:
     def to(self, device, dtype=None):
         cast = dtype is not None and dtype != torch.float32 and self.cast_to_mixed_precision
         for m in (self.unet, self.text_encoder):
-            m.to(device, dtype) if cast else m.to(device)
+            torch.nn.Module.to(m, device, dtype) if cast else m.to(device)  # (diffusers' `to` warns needlessly)
         self.vae.to(device)  # the VAE stays fp32: SD's VAE overflows in fp16
         return self
+
+    def fp32(self, sub: str) -> torch.nn.Module:
+        """Component `sub` (e.g. "text_encoder") with its weights as loaded: itself when it is fp32, else loaded
+        again from `path` (training may have cast it to bf16/fp16, which rounds the weights for good)."""
+        module = getattr(self, sub)
+        if module.dtype == torch.float32:
+            return module
+        if not self.path.startswith("<"):
+            return type(module).from_pretrained(self.path, subfolder=sub, revision=self.revision,
+                                                variant=self.variant).requires_grad_(False).eval()
+        log.warning("teacher %s is in memory: its %s is exported from its %s copy", self.name, sub, module.dtype)
+        return copy.deepcopy(module).float()
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -73,14 +88,21 @@ class Teacher:
         return {"encoder_hidden_states": hidden}
 
 
-def _check_folder(pretrained: str) -> None:
+def _check_folder(pretrained: str, components: list[str]) -> None:
+    """A local teacher folder must hold every component: a missing one is named (instead of a loader's error)."""
     p = Path(pretrained).expanduser()
     looks_local = pretrained.startswith((".", "/", "~")) or p.exists()
-    if looks_local and not (p / "unet").is_dir():
+    if not looks_local:
+        return  # a hub id
+    if not p.is_dir():
+        raise ConfigError(f"teacher.pretrained={pretrained!r}: no such folder. Give a diffusers pipeline folder "
+                          "(as `save_pretrained` writes it), or a hub id when online.")
+    missing = [c for c in components if not (p / c).is_dir()]
+    if missing:
         raise ConfigError(
-            f"teacher.pretrained={pretrained!r} is not a diffusers pipeline folder (no unet/ inside). Give the "
-            "folder that holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (as `save_pretrained` writes "
-            "it), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 when online.")
+            f"teacher.pretrained={pretrained!r} is not a complete diffusers pipeline folder: {', '.join(missing)} "
+            f"missing (it needs {', '.join(components)}). Point it at the folder `save_pretrained` wrote, or a hub "
+            "id such as stable-diffusion-v1-5/stable-diffusion-v1-5 when online.")
 
 
 def load_components(name: str, pretrained: str | None, revision: str | None = None, variant: str | None = None,
@@ -89,14 +111,16 @@ def load_components(name: str, pretrained: str | None, revision: str | None = No
     diffusers folder or hub id, frozen; a missing or wrong folder is a ConfigError that says what to do."""
     if not pretrained:
         raise ConfigError(f"teacher={name} needs teacher.pretrained=<diffusers folder or hub id>")
-    _check_folder(pretrained)
+    encoders = text_encoders or {"text_encoder": CLIPTextModel}
+    _check_folder(pretrained, ["unet", "scheduler"] + (["vae"] if not vae else []) +
+                  [c for sub in encoders for c in (sub, sub.replace("text_encoder", "tokenizer"))])
     kw = dict(revision=revision, variant=variant)
     try:
         out = {"unet": UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kw),
                "vae": (AutoencoderKL.from_pretrained(vae, revision=revision) if vae
                        else AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kw)),
                "scheduler": DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)}
-        for sub, cls in (text_encoders or {"text_encoder": CLIPTextModel}).items():
+        for sub, cls in encoders.items():
             out[sub] = cls.from_pretrained(pretrained, subfolder=sub, **kw)
             tok = sub.replace("text_encoder", "tokenizer")
             out[tok] = CLIPTokenizer.from_pretrained(pretrained, subfolder=tok, revision=revision)
@@ -114,4 +138,5 @@ def load_teacher(name: str, pretrained: str | None, revision: str | None = None,
                  vae: str | None = None, cast_to_mixed_precision: bool = True, **_: object) -> Teacher:
     """Loads an SD-1.x/2.x-shaped teacher from a local folder or hub id (any option of `conf/teacher/`)."""
     c = load_components(name, pretrained, revision, variant, vae)
-    return Teacher(name=name, path=str(pretrained), cast_to_mixed_precision=cast_to_mixed_precision, **c)
+    return Teacher(name=name, path=str(pretrained), cast_to_mixed_precision=cast_to_mixed_precision,
+                   revision=revision, variant=variant, **c)

@@ -75,5 +75,6 @@ def load(name: str, pretrained: str | None, revision: str | None = None, variant
         force_zeros_for_empty_prompt = (json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)
                                         if index.exists() else True)
     return SDXLTeacher(name=name, path=str(pretrained), cast_to_mixed_precision=cast_to_mixed_precision, **c,
+                       revision=revision, variant=variant,
                        resolution=int(resolution or unet.config.sample_size * 8),
                        force_zeros_for_empty_prompt=bool(force_zeros_for_empty_prompt))
