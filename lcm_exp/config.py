@@ -59,6 +59,7 @@ class ExportConfig:
     enabled: bool = True  # at the end of a run: diffusers pipeline folder (full) / LoRA weights (lora), artifact `model`
     model: str = "target"  # which network: target (EMA; the online student when there is no EMA) | online
     dir: str = "export"  # relative to the run folder
+    register: Optional[str] = None  # a model name: register the export as its next version (lcm_exp/registry.py)
 
 
 @dataclass
@@ -164,12 +165,14 @@ class TrackingConfig:
     _target_: str = "lcm_exp.tracking.MLflowTracker"
     uri: Optional[str] = None  # null = sqlite:///<abs path of mlflow.db in the start folder>
     experiment: str = "lcm-distill"
-    run_name: Optional[str] = None  # null = MLflow's random name; in a sweep "<job num>: <overrides>"
+    run_name: Optional[str] = None  # null = from the overrides (lcm_exp/run_names.py)
     enabled: bool = True
     flush_timeout: float = 30.0  # seconds to wait at the end for an away server before writing a local store
     retry_interval: float = 2.0  # seconds between tries while the server is away
     validation_steps: List[int] = field(default_factory=lambda: [1, 2, 4])  # step counts of the validation grids
     validation_prompts: List[str] = field(default_factory=list)  # empty = lcm_exp.validation.PROMPTS
+    system_metrics: bool = True  # MLflow's system/* metrics of the run (lcm_exp/system_metrics.py)
+    system_metrics_interval: float = 10.0  # seconds between samples
 
 
 @dataclass

@@ -40,6 +40,23 @@ def metric_name(model: str, steps: int, metric: str) -> str:
     return f"eval/{model}_{steps}step/{metric}"
 
 
+HEADLINE_MODELS = ("student", "teacher_ddim")
+
+
+def headline_metrics(metrics: dict[str, float], objective: str, steps: Sequence[int]) -> dict[str, float]:
+    """The objective's metric for the student and the teacher's DDIM at every step count, logged a second time
+    as `compare/<metric>/<model>_<n>step`. MLflow's UI orders its chart sections by name: `compare/...` comes
+    before `data/...`, `eval/...`, `system/...` and `train/...`, so the charts open on the LCM table's numbers."""
+    family = objective.rsplit("/", 1)[-1] if objective.startswith("eval/") else "psnr_to_ref"
+    out = {}
+    for model in HEADLINE_MODELS:
+        for n in steps:
+            name = metric_name(model, n, family)
+            if name in metrics:
+                out[f"compare/{family}/{model}_{n}step"] = metrics[name]
+    return out
+
+
 @dataclass
 class EvalResult:
     prompts: list[str]
@@ -255,32 +272,34 @@ def markdown_table(res: EvalResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def image_grid(res: EvalResult, max_rows: int = 16, tile: int = 64):
-    """Rows: prompts; columns: the student at each step count, the teacher's DDIM at each, the reference."""
-    from PIL import Image, ImageDraw
+def image_grid(res: EvalResult, max_rows: int = 16, reference_steps: int | None = None):
+    """Rows: prompts (their text beside them); columns: the student at each step count, the teacher's DDIM at
+    each, the reference; each column captioned (`grids.py`)."""
+    from PIL import Image
+
+    from .grids import captioned_grid, steps_label
 
     cols = [f"student_{n}step" for n in res.steps] + [f"teacher_ddim_{n}step" for n in res.steps] + ["reference"]
-    rows = min(max_rows, len(res.prompts))
-    head = 14
-    grid = Image.new("RGB", (tile * len(cols), head + tile * rows), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, col in enumerate(cols):
-        label = col.replace("teacher_", "").replace("student_", "lcm ").replace("step", "")
-        draw.text((j * tile + 2, 1), label, fill="black")
-        for i in range(rows):
-            arr = (res.images[col][i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            grid.paste(Image.fromarray(arr).resize((tile, tile), Image.NEAREST), (j * tile, head + i * tile))
-    return grid
+    heads = [f"student {steps_label(n)}" for n in res.steps] + [f"teacher DDIM {steps_label(n)}" for n in res.steps]
+    heads.append(f"reference (DDIM {steps_label(reference_steps)})" if reference_steps else "reference")
+    n = min(max_rows, len(res.prompts))
+
+    def image(col, i):
+        return Image.fromarray((res.images[col][i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+    rows = [[image(col, i) for col in cols] for i in range(n)]
+    return captioned_grid(rows, res.prompts[:n], heads, title="evaluation: student vs teacher, same noise and prompt",
+                          label_width=200)
 
 
-def write_report(res: EvalResult, out_dir: Path) -> list[Path]:
+def write_report(res: EvalResult, out_dir: Path, reference_steps: int | None = None) -> list[Path]:
     """eval_table.md, eval_table.csv, eval_grid.png and eval_prompts.txt in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(res)
     (out_dir / "eval_table.md").write_text(markdown_table(res))
     with open(out_dir / "eval_table.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    image_grid(res).save(out_dir / "eval_grid.png")
+    image_grid(res, reference_steps=reference_steps).save(out_dir / "eval_grid.png")
     (out_dir / "eval_prompts.txt").write_text("\n".join(res.prompts) + "\n")
     return [out_dir / n for n in ("eval_table.md", "eval_table.csv", "eval_grid.png", "eval_prompts.txt")]
 
@@ -351,8 +370,8 @@ def evaluate_run(cfg, teacher, student_unet, tracker, out_dir: Path, step: int =
                       original_inference_steps=teacher.num_train_timesteps // int(cfg.skip.k),
                       timestep_scaling=float(cfg.student.timestep_scaling), real_images=real,
                       adherence=is_shapes(cfg))
-    paths = write_report(res, Path(out_dir) / "eval")
-    tracker.log_metrics(res.metrics, step)
+    paths = write_report(res, Path(out_dir) / "eval", reference_steps=ev.reference_steps)
+    tracker.log_metrics({**headline_metrics(res.metrics, ev.objective, res.steps), **res.metrics}, step)
     for p in paths:
         tracker.log_artifact(p, "eval")
     print(markdown_table(res), flush=True)

@@ -11,6 +11,7 @@ checkpoint of a run (or a finished run's folder).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -27,8 +28,11 @@ def lcm_scheduler(teacher, k: int, timestep_scaling: float):
     from diffusers import LCMScheduler
 
     # clip_sample=False: LCM's own setting (clipping latents to [-1, 1] is wrong; a DDPM config read from SD 1.5's
-    # PNDM config would carry DDPM's default True)
-    return LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=teacher.num_train_timesteps // k,
+    # PNDM config would carry DDPM's default True). Keys LCMScheduler does not take (DDPM's variance_type) are
+    # left out, so that loading the saved scheduler does not warn about them.
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    config = {k: v for k, v in teacher.scheduler.config.items() if k in accepted}
+    return LCMScheduler.from_config(config, original_inference_steps=teacher.num_train_timesteps // k,
                                     timestep_scaling=timestep_scaling, clip_sample=False)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 
-def l2(pred: torch.Tensor, target: torch.Tensor, huber_c: float = 0.001) -> torch.Tensor:
-    """Mean squared error. `huber_c` is accepted (and unused) so that every loss shares one signature."""
+def l2(pred: torch.Tensor, target: torch.Tensor, **_) -> torch.Tensor:
+    """Mean squared error. Other losses' keys (`huber_c`) are accepted and unused, so that every loss shares one
+    call; `**_` also tells the tracker they do not apply to this loss (`lcm_exp.applicability`)."""
     return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
 
 

@@ -2,7 +2,9 @@
 
 The runs are a sweep's children (`parent=RUN_ID`, tag `mlflow.parentRunId`) or an experiment's runs matching an
 MLflow search filter (`experiment=NAME filter="..."`). The swept parameters are the params whose values differ
-between the runs; the objective (and whether it is maximised) is the runs' `lcm_exp.objective` /
+between the runs. A param that does not apply to a run (l2's `loss.huber_c`, LoRA keys of a full student; see
+`lcm_exp.applicability`, which also judges runs logged before such params were left out) is never attributed to
+it: `n/a` in the table, absent from its labels, the best line and its plots. The objective (and whether it is maximised) is the runs' `lcm_exp.objective` /
 `lcm_exp.objective_direction` tags. The folder holds:
 - `table.md`, `table.csv`: swept parameters against final metrics, best run first;
 - `<metric>_vs_<param>.png`: each metric against each swept parameter;
@@ -23,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 # params that differ between runs without being what was swept
 IGNORED_PARAMS = ("tracking.run_name", "trainer.output_dir")
+NA = "n/a"  # the table's cell for a param that does not apply to the run
 UNITS = {"psnr_to_ref": "PSNR to the reference [dB]", "mse_to_ref": "MSE to the reference [latent units²]",
          "adherence": "prompt adherence [fraction of prompts]", "fid": "FID [lower is better]",
          "kid": "KID [lower is better]", "clip_score": "CLIP score", "train/loss": "final train/loss [a.u.]"}
@@ -51,10 +54,26 @@ def find_runs(client, parent: str | None, experiment: str | None, filter_string:
     return runs, prun
 
 
+def param_value(run, key: str) -> str | None:
+    """The run's value of `key`, None when the run has none or it does not apply to the run. A group's option
+    (`loss`) falls back to the one named by `loss._target_` (runs logged before options were params)."""
+    from .applicability import TARGET, not_applicable, option_name
+
+    params = run.data.params
+    if key in params and key in not_applicable(params):
+        return None
+    if key not in params and "." not in key and params.get(f"{key}.{TARGET}"):
+        return option_name(key, params[f"{key}.{TARGET}"])
+    return params.get(key)
+
+
 def swept_params(runs) -> list[str]:
-    keys = sorted({k for r in runs for k in r.data.params})
-    return [k for k in keys if k not in IGNORED_PARAMS
-            and len({r.data.params.get(k) for r in runs}) > 1]
+    """Keys with at least two different values among the runs they apply to; a group's option (`loss`) stands
+    for its `_target_`."""
+    keys = {k for r in runs for k in r.data.params}
+    keys = {k[: -len("._target_")] if k.endswith("._target_") and k.count(".") == 1 else k for k in keys}
+    return sorted(k for k in keys if k not in IGNORED_PARAMS
+                  and len({param_value(r, k) for r in runs} - {None}) > 1)
 
 
 def number(value):
@@ -78,7 +97,9 @@ def short(key: str, value=None) -> str:
 
 
 def label(run, params) -> str:
-    return ", ".join(short(k, run.data.params.get(k)) for k in params) or run.info.run_name
+    """`loss=huber, loss.huber_c=0.01`; params that do not apply to the run are left out."""
+    values = [(k, param_value(run, k)) for k in params]
+    return ", ".join(short(k, v) for k, v in values if v is not None) or run.info.run_name
 
 
 def objective_of(runs, override: str | None = None) -> tuple[str, str]:
@@ -121,8 +142,9 @@ def write_table(runs, params, cols, objective, direction, folder: Path, title: s
     rows = []
     for i, r in enumerate(runs, 1):
         row = {"rank": i, "run_name": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status}
-        row.update({short(k): (r.data.params.get(k) if number(r.data.params.get(k)) is not None
-                               else short(k, r.data.params.get(k)).split("=", 1)[1]) for k in params})
+        values = {k: param_value(r, k) for k in params}
+        row.update({short(k): (NA if v is None else v if number(v) is not None else short(k, v).split("=", 1)[1])
+                    for k, v in values.items()})
         row.update({c: r.data.metrics.get(c) for c in cols})
         rows.append(row)
     with open(folder / "table.csv", "w", newline="") as f:
@@ -161,12 +183,14 @@ def ylabel(metric: str) -> str:
 
 def plot_metric_vs_params(runs, params, cols, folder: Path, swept: str) -> list[Path]:
     """One figure per swept parameter, one panel per metric; with several swept parameters, one line per
-    combination of the others."""
+    combination of the others. Runs to which the parameter does not apply are left out of its figure."""
     plt = _plt()
     out = []
+    every = runs
     for p in params:
         others = [q for q in params if q != p]
-        values = [r.data.params.get(p) for r in runs]
+        runs = [r for r in every if param_value(r, p) is not None]
+        values = [param_value(r, p) for r in runs]
         numeric = all(number(v) is not None for v in values)
         cats = sorted(set(values), key=lambda v: (number(v) is None, number(v) or 0, str(v)))
         xs = {v: (number(v) if numeric else cats.index(v)) for v in cats}
@@ -181,7 +205,7 @@ def plot_metric_vs_params(runs, params, cols, folder: Path, swept: str) -> list[
         fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.9 * nrow), squeeze=False)
         for ax, metric in zip(axes.flat, cols):
             for name, rs in groups.items():
-                pts = sorted((xs[r.data.params.get(p)], r.data.metrics[metric]) for r in rs if metric in r.data.metrics)
+                pts = sorted((xs[param_value(r, p)], r.data.metrics[metric]) for r in rs if metric in r.data.metrics)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 and (numeric or others) and not scattered else "none",
                             label=name)
@@ -201,12 +225,14 @@ def plot_metric_vs_params(runs, params, cols, folder: Path, swept: str) -> list[
             if scattered and len(groups) == 1:
                 for r in runs:
                     if metric in r.data.metrics:
-                        ax.annotate(r.data.tags.get("hydra.job.num", ""), (xs[r.data.params.get(p)],
+                        ax.annotate(r.data.tags.get("hydra.job.num", ""), (xs[param_value(r, p)],
                                     r.data.metrics[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for ax in list(axes.flat)[len(cols):]:
             ax.axis("off")
         note = (f"\n(each point one run, labelled with its job number; {', '.join(short(q) for q in others)} "
                 "vary too)") if scattered else ""
+        if len(runs) < len(every):
+            note += f"\n({len(every) - len(runs)} runs to which {short(p)} does not apply are not shown)"
         fig.suptitle(f"final metrics against {short(p)} (sweep over {swept}){note}")
         fig.tight_layout()
         path = folder / f"metrics_vs_{short(p).replace('.', '_')}.png"
@@ -333,7 +359,8 @@ def main(cfg) -> Path:
     name = (prun.info.run_id[:8] if prun else re.sub(r"\W+", "_", experiment)) + time.strftime("-%Y%m%d-%H%M%S")
     folder = Path(cfg.out or Path("reports") / name).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    title = (f"Sweep {prun.info.run_name} ({prun.info.run_id})" if prun else f"Experiment {experiment}") + \
+    title = (f"{prun.info.run_name[:1].upper()}{prun.info.run_name[1:]} ({prun.info.run_id})" if prun
+             else f"Experiment {experiment}") + \
         (f", filter `{cfg.filter}`" if cfg.filter else "")
     rows = write_table(runs, params, cols, objective, direction, folder, title)
     plot_cols = [c for c in cols if c == objective or c == "train/loss" or

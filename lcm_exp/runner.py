@@ -241,6 +241,9 @@ def export_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> N
     tracker.log_artifact(folder, "model")
     log.info("exported the %s student (%s) to %s (MLflow artifact `model`)", student.kind, cfg.export.model, folder)
     print(f"lcm-exp: exported model: {folder.resolve()}", flush=True)
+    from .registry import register  # export.register=NAME: a pyfunc version in the MLflow Model Registry
+
+    register(cfg, folder, teacher, student, tracker)
 
 
 def evaluate_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> float:

@@ -59,7 +59,8 @@ def full(teacher, time_cond_proj_dim: int = 256, sigma_data: float = 0.5, timest
     missing, unexpected = unet.load_state_dict(teacher.unet.state_dict(), strict=False)
     assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
     torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
-    torch.nn.Module.to(unet, torch.float32).train().requires_grad_(True)  # (diffusers' `to` warns needlessly)
+    # trained in float32 whatever the teacher's dtype (`float()`: diffusers' `to(dtype)` warns about fp32 modules)
+    unet.float().train().requires_grad_(True)
     if stochastic_depth > 0:
         n = add_stochastic_depth(unet, stochastic_depth)
         log.info("stochastic depth %.3g on %d residual / transformer blocks", stochastic_depth, n)

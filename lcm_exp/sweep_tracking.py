@@ -3,9 +3,10 @@
 `conf/config.yaml` registers `MLflowSweepCallback` under `hydra.callbacks`. Before any job starts it creates
 the store, the experiment and the parent run (once, so parallel jobs never race on them) and exports the
 parent's id in `LCM_EXP_PARENT_RUN_ID`; every job process inherits it (the basic launcher's, and joblib/loky
-workers, which are started after this) and tags its run `mlflow.parentRunId`. A failed job ends its own run
-FAILED (runner.py); Hydra then raises after the batch without calling `on_multirun_end`, so the parent is
-ended at exit in that case, FAILED.
+workers, which are started after this) and tags its run `mlflow.parentRunId`. `LCM_EXP_SWEEP_FIXED` likewise
+holds the overrides every job shares, so that each job is named by its own (`lcm_exp.run_names`). A failed
+job ends its own run FAILED (runner.py); Hydra then raises after the batch without calling `on_multirun_end`,
+so the parent is ended at exit in that case, FAILED.
 
 A search on a persistent study (`hydra/sweeper=lcm_exp_search`) outlives one process: several workers, and a
 resumed search, add trials to one study. Its sweeper says so (`owns_mlflow_parent`), the callback stands aside,
@@ -14,6 +15,7 @@ and the sweeper uses `StudyParent`: one parent run per study, named in the study
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .run_names import SWEEP_FIXED_ENV, fixed_overrides
 from .tracking import PARENT_RUN_ENV, connect, default_uri, redact, run_tags
 
 log = logging.getLogger(__name__)
@@ -88,9 +91,12 @@ class MLflowSweepCallback(Callback):
             return
         self.client, exp_id = store
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        overrides = list(config.hydra.overrides.task)
+        fixed = fixed_overrides(overrides)
         self.parent_id = create_parent(self.client, exp_id, config,
-                                       f"sweep {self.sweep_dir.parent.name}/{self.sweep_dir.name}")
+                                       sweep_name(config, overrides, fixed, self.sweep_dir))
         os.environ[PARENT_RUN_ENV] = self.parent_id
+        os.environ[SWEEP_FIXED_ENV] = json.dumps(fixed)  # each job is named by the overrides not in this list
         atexit.register(self._end, "FAILED")
         log.info("MLflow sweep: parent run %s at %s", self.parent_id, redact(self.client.tracking_uri))
 
@@ -107,7 +113,16 @@ class MLflowSweepCallback(Callback):
         except Exception as e:  # noqa: BLE001
             log.warning("could not end the sweep's parent run %s: %s", self.parent_id, e)
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_FIXED_ENV, None)
         self.client = None
+
+
+def sweep_name(config: DictConfig, overrides: list[str], fixed: list[str], sweep_dir: Path) -> str:
+    """`sweep loss 2026-01-01/12-00-00` (+sweep=loss), or the swept keys: `sweep skip.k, loss ...`."""
+    what = config.hydra.runtime.choices.get("sweep")
+    if not what:
+        what = ", ".join(o.split("=", 1)[0].lstrip("+~") for o in overrides if o not in fixed)
+    return f"sweep {what or ''} {sweep_dir.parent.name}/{sweep_dir.name}".replace("  ", " ")
 
 
 class StudyParent:
@@ -136,6 +151,7 @@ class StudyParent:
                                    **{"lcm_exp.study": study.study_name})
             study.set_user_attr(STUDY_PARENT_ATTR, run_id)
         os.environ[PARENT_RUN_ENV] = run_id
+        os.environ[SWEEP_FIXED_ENV] = json.dumps(fixed_overrides(list(config.hydra.overrides.task)))
         log.info("MLflow search: parent run %s at %s", run_id, redact(client.tracking_uri))
         return cls(client, run_id)
 
@@ -154,3 +170,4 @@ class StudyParent:
         if status != "RUNNING":
             self.client.set_terminated(self.run_id, status=status)
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_FIXED_ENV, None)

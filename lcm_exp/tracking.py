@@ -29,6 +29,11 @@ MAX_TAG_LEN = 5000
 CUT_MARKER = "...[cut]"
 PARENT_RUN_ENV = "LCM_EXP_PARENT_RUN_ID"  # set by the sweep callback, inherited by every job (joblib workers too)
 FALLBACK_DB = "mlflow-offline.db"
+# MLflow's UI shows an experiment of this kind as "Machine learning" (runs, charts) rather than GenAI (traces); the
+# UI's own experiment-kind selector writes this tag. In MLflow 3.17 the sidebar's GenAI / Model training toggle
+# decides the page too: `ui_url()` opens it on Model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # MLflow errors worth retrying (server away, overloaded, store locked); anything else is the request's fault.
 _RETRYABLE = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "ENDPOINT_NOT_FOUND",
               "DEADLINE_EXCEEDED", "ABORTED", "UNAVAILABLE"}
@@ -78,7 +83,8 @@ def configure_http(uri: str) -> None:
 
 def connect(uri: str, experiment: str):
     """(client, experiment id): checks the store is reachable (fails fast with what to do) and gets or creates
-    the experiment, tolerating a parallel job creating it at the same time."""
+    the experiment (a model-training one, see EXPERIMENT_KIND), tolerating a parallel job creating it at the
+    same time."""
     from mlflow.tracking import MlflowClient
 
     configure_http(uri)
@@ -93,12 +99,15 @@ def connect(uri: str, experiment: str):
             "it, drop tracking.uri (local sqlite store mlflow.db in this folder) or set tracking.enabled=false."
         ) from None
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before we tagged them; a kind a user chose stays
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return client, exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # artifacts next to the database, not in ./mlruns of whichever cwd
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     try:
-        return client, client.create_experiment(experiment, artifact_location=location)
+        return client, client.create_experiment(experiment, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # noqa: BLE001 - created meanwhile by another job
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -147,14 +156,28 @@ def run_tags() -> dict[str, str]:
     return {k: _cut(str(v), MAX_TAG_LEN) for k, v in tags.items()}
 
 
-def default_run_name() -> str | None:
-    """In a sweep, "<job num>: <overrides>" so children are told apart at a glance; else MLflow's random name."""
-    from hydra.core.hydra_config import HydraConfig
+def run_params(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """(params, keys left out): the flattened config without the keys that do not apply to this run
+    (`lcm_exp.applicability`), plus each group's option as a param of its own (`loss` = `huber`)."""
+    from .applicability import not_applicable
+    from .run_names import group_choices
 
-    if HydraConfig.initialized() and str(HydraConfig.get().mode).endswith("MULTIRUN"):
-        hc = HydraConfig.get()
-        return _cut(f"{hc.job.num}: {redact(' '.join(hc.overrides.task))}", 250)
-    return None
+    flat = flatten(config)
+    choices = group_choices(flat)
+    dropped = sorted(not_applicable(flat, choices))
+    params = {k: v for k, v in flat.items() if k not in dropped}
+    for group, option in choices.items():
+        params.setdefault(group, option)
+    return params, dropped
+
+
+def ui_url(uri: str, experiment_id: str) -> str:
+    """Where the runs of the experiment are, in `mlflow ui` (default port) or on the tracking server, opened
+    on the Model training view with the comparison columns of `lcm_exp.ui_view`."""
+    from .ui_view import SHARE_KEY
+
+    base = redact(uri).rstrip("/") if is_remote(uri) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={SHARE_KEY}"
 
 
 def _retryable(e: Exception) -> bool:
@@ -168,12 +191,16 @@ class MLflowTracker:
 
     def __init__(self, uri: str | None = None, experiment: str = "lcm-distill", run_name: str | None = None,
                  enabled: bool = True, start_dir: str | None = None, flush_timeout: float = 30.0,
-                 retry_interval: float = 2.0, validation_steps=(1, 2, 4), validation_prompts=()):
+                 retry_interval: float = 2.0, validation_steps=(1, 2, 4), validation_prompts=(),
+                 system_metrics: bool = True, system_metrics_interval: float = 10.0):
         self.start_dir = Path(start_dir or os.getcwd())
         self.uri = uri or default_uri(self.start_dir)
         self.experiment, self.run_name, self.enabled = experiment, run_name, enabled
         self.flush_timeout, self.retry_interval = float(flush_timeout), float(retry_interval)
         self.validation_steps, self.validation_prompts = list(validation_steps), list(validation_prompts)
+        self.system_metrics, self.system_metrics_interval = bool(system_metrics), float(system_metrics_interval)
+        self._monitor = None
+        self.experiment_id: str | None = None
         self.client = None
         self.run_id: str | None = None
         self.fallback_uri: str | None = None
@@ -195,15 +222,21 @@ class MLflowTracker:
     # ----------------------------------------------------------------------------------------------------- start
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
               run_id: str | None = None) -> str | None:
-        """Starts (or, with `run_id`, continues) the run, logs the flattened params, starts the sender."""
+        """Starts (or, with `run_id`, continues) the run, logs the params (`run_params`), starts the sender and
+        MLflow's system metrics monitor."""
         if not self.enabled:
             return None
         from mlflow.entities import Param
 
+        from .run_names import run_name
+
         self.client, exp_id = connect(self.uri, self.experiment)
-        self.run_name = self.run_name or default_run_name()
+        self.experiment_id = exp_id
+        self.run_name = self.run_name or redact(run_name())
         self._tags = {k: str(v) for k, v in (tags or {}).items()}
-        self._params = flatten(params)
+        self._params, dropped = run_params(params)
+        if dropped:
+            self._tags["lcm_exp.not_applicable"] = _cut(" ".join(dropped), MAX_TAG_LEN)
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -213,8 +246,15 @@ class MLflowTracker:
             flat = [Param(k, v) for k, v in self._params.items()]
             for i in range(0, len(flat), 100):
                 self.client.log_batch(self.run_id, params=flat[i:i + 100])
+            from .ui_view import share
+
+            share(self.client, exp_id, params, self._params)
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
+        if self.system_metrics:
+            from .system_metrics import start_monitor
+
+            self._monitor = start_monitor(self.run_id, self.uri, self.system_metrics_interval, resume=bool(run_id))
         log.info("MLflow run %s (%s) in experiment %r at %s", self.run_id, self.run_name, self.experiment,
                  redact(self.uri))
         return self.run_id
@@ -357,6 +397,11 @@ class MLflowTracker:
                      "(the sender spent %.0f ms in MLflow calls = %.1f%%, what synchronous logging would have cost)",
                      self.n_calls, 1000 * self.caller_s, 100 * self.caller_s / span, span, 1000 * self.send_s,
                      100 * self.send_s / span)
+        if self._monitor is not None:
+            from .system_metrics import stop_monitor
+
+            stop_monitor(self._monitor)
+            self._monitor = None
         sent = self.flush()
         self._abandon = True
         self._stop.set()
@@ -370,6 +415,9 @@ class MLflowTracker:
                 log.warning("could not end run %s: %s", self.run_id, e)
         if not sent:
             self._write_fallback(status)
+        else:
+            log.info("compare runs: %s%s", "" if is_remote(self.uri) else
+                     f"mlflow ui --backend-store-uri {redact(self.uri)}  then open ", ui_url(self.uri, self.experiment_id))
         self.client = None
 
     def _write_fallback(self, status: str) -> None:

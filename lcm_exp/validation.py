@@ -1,8 +1,8 @@
 """Validation image grids: the online student and the target (EMA) sampled with diffusers'
 `LatentConsistencyModelPipeline` + `LCMScheduler` at a few step counts, fixed prompts and seed.
 
-One PNG per model and validation step (rows: step counts, columns: prompts), written under the job's
-output folder and logged as run artifacts `validation/step_<N>/<model>.png`.
+One PNG per model and validation step (rows: step counts, columns: prompts, captioned; `grids.py`), written
+under the job's output folder and logged as run artifacts `validation/step_<N>/<model>.png`.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from diffusers import LCMScheduler
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .evaluation import student_pipeline
+from .grids import captioned_grid, steps_label
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Validator:
         self.last_step: int | None = None
 
     @torch.no_grad()
-    def grid(self, unet) -> Image.Image:
+    def grid(self, unet, title: str = "") -> Image.Image:
         unet = self.unwrap(unet)
         was_training = unet.training
         unet.eval()
@@ -61,7 +62,7 @@ class Validator:
                 rows.append((n, to_pil(pixels)))
         finally:
             unet.train(was_training)
-        return make_grid(rows, self.resolution)
+        return make_grid(rows, self.prompts, title)
 
     def __call__(self, step: int) -> list[Path]:
         """Writes and logs the grids of the online student and the target at training step `step`."""
@@ -73,7 +74,8 @@ class Validator:
         paths = []
         for name, unet in (("student", self.student_unet), ("target", self.target_unet)):
             path = folder / f"{name}.png"
-            self.grid(unet).save(path)
+            what = "online student" if name == "student" else "target (EMA) student"
+            self.grid(unet, f"{what} at training step {step}, w = {self.w:g}").save(path)
             paths.append(path)
             if self.tracker is not None:
                 self.tracker.log_artifact(path, f"validation/step_{step:06d}")
@@ -97,14 +99,6 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def make_grid(rows: list[tuple[int, list[Image.Image]]], size: int) -> Image.Image:
-    """Rows of images, each labelled with its step count in a left margin."""
-    margin = 28
-    cols = max(len(images) for _, images in rows)
-    grid = Image.new("RGB", (margin + cols * size, len(rows) * size), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (n, images) in enumerate(rows):
-        draw.text((2, r * size + size // 2 - 5), f"{n}st", fill="black")
-        for c, img in enumerate(images):
-            grid.paste(img.convert("RGB").resize((size, size)), (margin + c * size, r * size))
-    return grid
+def make_grid(rows: list[tuple[int, list[Image.Image]]], prompts: list[str], title: str = "") -> Image.Image:
+    """One row per step count ("1 step", "4 steps"), one column per prompt (its text above it)."""
+    return captioned_grid([images for _, images in rows], [steps_label(n) for n, _ in rows], prompts, title)

@@ -100,7 +100,8 @@ def test_basic_sweep_failed_job_is_kept_and_the_sweep_goes_on(tmp_path, lcm_exp_
     from PIL import Image
 
     png = Path(client.download_artifacts(rid, "validation/step_000002/student.png", str(tmp_path)))
-    assert Image.open(png).size == (28 + 4 * 32, 32)  # 4 prompts x 1 step count, 32 px each + label margin
+    width, height = Image.open(png).size  # 4 prompts x 1 step count, 32 px samples shown at 128 px, captioned
+    assert 4 * 128 < width < 4 * 128 + 150 and 128 < height < 320
 
 
 def test_unreachable_server_at_start_fails_fast(tmp_path, lcm_exp_cache):
