@@ -24,8 +24,9 @@ TARGET = "_target_"
 
 
 def conf_dir() -> Path:
-    """`conf/` of a checkout, or `lcm_exp/conf` of a wheel install (see `cli.config_dir`)."""
-    return (Path(__file__).parent / "conf").resolve()
+    from .paths import config_dir
+
+    return Path(config_dir())
 
 
 @functools.lru_cache(maxsize=None)

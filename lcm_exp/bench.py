@@ -30,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 from .attention import release_buffers, set_attention
 from .guidance import guidance_embedding
 from .lcd import LCD, boundary_scalings, x0_and_eps
-from .optim import lr_schedule
 from .executors import Overlapped, Sequential, use_threads
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ class Reference:
             noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             a = ac[start_timesteps].view(-1, 1, 1, 1)
             noisy_model_input = a.sqrt() * latents + (1 - a).sqrt() * noise
-            w = (s.w_min + (s.w_max - s.w_min) * torch.rand(bsz, generator=generator)).to(latents.device)
+            w = s.guidance.sample(bsz, latents.device, generator)
             w_embedding = guidance_embedding(w, s.student.w_embedding_dim)
             w = w.view(-1, 1, 1, 1)
             noise_pred = unet(noisy_model_input, start_timesteps, timestep_cond=w_embedding,
@@ -170,21 +169,21 @@ class Ours:
     def __init__(self, s, cfg: DictConfig | None = None, name: str = "ours"):
         self.s, self.name = s, name
         cfg = cfg or s.cfg
-        self.trainer = trainer = instantiate(cfg.trainer)(output_dir=".") if cfg is not s.cfg else s.trainer
+        self.trainer = trainer = instantiate(cfg.trainer)() if cfg is not s.cfg else s.trainer
         teacher = copy.copy(s.teacher)  # shares the VAE/text encoder; its UNet may become a cast copy
-        cast = trainer.weight_dtype != torch.float32 and cfg.teacher.cast_to_mixed_precision
+        cast = trainer.weight_dtype != torch.float32 and instantiate(cfg.teacher, _partial_=True).keywords.get(
+            "cast_to_mixed_precision", True)
         teacher.unet = copy.deepcopy(s.teacher.unet).to(trainer.weight_dtype) if cast else s.teacher.unet
         self.teacher = teacher
         self.ema = instantiate(cfg.ema)(online=s.student.unet, dtype=trainer.weight_dtype)
-        optimizer = instantiate(cfg.optim)(params=s.student.trainable_parameters())
-        scheduler = lr_schedule(optimizer, "constant", 0, 10 ** 9)
-        lcd = LCD(student=s.student.unet, target=self.ema.target, teacher=teacher.unet, alphas_cumprod=s.alphas_cumprod,
-                  prediction_type=s.prediction_type, solver=instantiate(cfg.solver), skip=s.skip,
-                  guidance=instantiate(cfg.guidance), distance=s.distance, w_embedding_dim=s.student.w_embedding_dim,
-                  sigma_data=s.student.sigma_data, timestep_scaling=s.student.timestep_scaling,
+        optim = instantiate(cfg.optim)(params=s.student.trainable_parameters())
+        lcd = LCD(student=s.student.unet, target=self.ema.target, teacher=teacher.unet, schedule=s.schedule,
+                  solver=instantiate(cfg.solver), skip=s.skip, guidance=s.guidance, distance=s.distance,
+                  w_embedding_dim=s.student.w_embedding_dim, sigma_data=s.student.sigma_data,
+                  timestep_scaling=s.student.timestep_scaling,
                   teacher_dtype=trainer.weight_dtype if cast else torch.float32,
-                  batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
-        trainer.prepare(lcd, s.student, self.ema, optimizer, scheduler)
+                  batched_cfg=trainer.batched_cfg, teacher_first=trainer.teacher_first)
+        trainer.prepare(lcd, s.student, self.ema, optim.optimizer, optim.schedule(10 ** 9))
         s.active = self  # prepare put its attention processors on the shared UNets
         self.batch = {"pixels": s.pixels, "captions": s.captions}
         if cfg.bench.cached:
@@ -240,7 +239,7 @@ class Setup:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.trainer = instantiate(cfg.trainer)(output_dir=".")
+        self.trainer = instantiate(cfg.trainer)()
         self.acc = self.trainer.accelerator
         device = self.acc.device
         self.teacher = instantiate(cfg.teacher)
@@ -248,13 +247,14 @@ class Setup:
             m.to(device)
         self.student = instantiate(cfg.student, teacher=self.teacher)
         self.student.unet.to(device)
-        self.batch_size, self.lr = cfg.trainer.batch_size, cfg.optim.lr
-        self.max_grad_norm, self.decay = cfg.optim.max_grad_norm, cfg.ema.decay
-        self.w_min, self.w_max = cfg.guidance.w_min, cfg.guidance.w_max
-        self.skip = instantiate(cfg.skip)(num_train_timesteps=self.teacher.num_train_timesteps)
+        make_optim = instantiate(cfg.optim)  # (the reference builds its own AdamW with the same lr)
+        self.batch_size, self.lr = self.trainer.batch_size, make_optim.keywords["lr"]
+        self.max_grad_norm, self.decay = make_optim.keywords["max_grad_norm"], instantiate(cfg.ema).keywords["decay"]
+        self.guidance = instantiate(cfg.guidance)
+        self.skip = instantiate(cfg.skip).for_teacher(self.teacher.num_train_timesteps)
         self.distance = instantiate(cfg.loss)
-        self.alphas_cumprod = self.teacher.scheduler.alphas_cumprod.to(device)
-        self.prediction_type = self.teacher.prediction_type
+        self.schedule = self.teacher.schedule.to(device)
+        self.alphas_cumprod, self.prediction_type = self.schedule.alphas_cumprod, self.schedule.prediction_type
         batch = next(iter(instantiate(cfg.data)(batch_size=self.batch_size)))
         self.pixels, self.captions = batch["pixels"].to(device), batch["captions"]
         self.input_ids = self.tokenize(self.captions)

@@ -8,14 +8,7 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def config_dir() -> str:
-    """`conf/` of a checkout, or `lcm_exp/conf` of a wheel install (the same files, see pyproject.toml)."""
-    return str((Path(__file__).parent / "conf").resolve())
-
-
-def sweeps_dir() -> Path:
-    """`sweeps/` of a checkout, or `lcm_exp/sweeps` of a wheel install (a symlink in the checkout)."""
-    return (Path(__file__).parent / "sweeps").resolve()
+from .paths import config_dir, sweeps_dir  # noqa: E402,F401  (tests and users import them from here)
 
 
 def register_sweeps() -> None:
@@ -31,9 +24,6 @@ def register_sweeps() -> None:
 def _main(config_name: str, task, config_path: str | None = None):
     import hydra
 
-    from .config import register
-
-    register()
     if config_name == "config":
         register_sweeps()
     return hydra.main(version_base="1.3", config_path=config_path or config_dir(), config_name=config_name)(task)()

@@ -13,8 +13,12 @@ class EMA:
     forward pass holds a bf16/fp16 copy of θ⁻, refreshed after each update: no per-op weight casts under
     autocast, half the memory traffic, and the average itself loses no precision."""
 
-    def __init__(self, online: torch.nn.Module, decay: float, dtype: torch.dtype | None = None,
-                 cast_to_mixed_precision: bool = True):
+    def __init__(self, online: torch.nn.Module, decay: float, cast_to_mixed_precision: bool,
+                 dtype: torch.dtype | None = None):
+        if not 0.0 <= decay <= 1.0:
+            from .config import invalid
+
+            raise invalid("ema.decay", decay, "a number in [0, 1]")
         self.decay = float(decay)
         self.target = copy.deepcopy(online).requires_grad_(False).eval()
         names = {n for n, p in online.named_parameters() if p.requires_grad}

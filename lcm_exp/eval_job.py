@@ -2,6 +2,7 @@
 from its composed config, evaluate, and log to that same run."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -34,9 +35,11 @@ def resolve(cli: DictConfig) -> tuple[Path, str | None, str]:
 
 def run_config(out: Path) -> DictConfig:
     """The run's composed config: `.hydra/config.yaml` in the output folder or one of its parents."""
+    from .config import stored
+
     for folder in (out, *list(out.parents)[:3]):
         if (folder / ".hydra" / "config.yaml").exists():
-            return OmegaConf.load(folder / ".hydra" / "config.yaml")
+            return stored(OmegaConf.load(folder / ".hydra" / "config.yaml"))
     raise SystemExit(f"lcm-exp-eval: no .hydra/config.yaml in {out} (or its parents)")
 
 
@@ -51,30 +54,40 @@ def eval_overrides() -> list[str]:
 
 
 def main(cli: DictConfig) -> dict[str, float]:
-    from diffusers import UNet2DConditionModel
     from hydra.utils import instantiate
 
+    from .data import stream_of
     from .evaluation import evaluate_run
-    from .tracking import MLflowTracker
 
     out, run_id, uri = resolve(cli)
     cfg = run_config(out)
     for key in eval_overrides():
         OmegaConf.update(cfg, key, OmegaConf.select(cli, key), force_add=True)
     device = torch.device(cli.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sub = "target_unet" if cfg.eval.get("model", "target") == "target" else "student_unet"
-    if not (out / sub).is_dir():
-        raise SystemExit(f"lcm-exp-eval: {out / sub} is missing (written at the end of a finished lcm-exp run)")
-    teacher = instantiate(cfg.teacher).to(device)
-    unet = UNet2DConditionModel.from_pretrained(out / sub)
-    tracker = MLflowTracker(uri=uri, experiment=cfg.tracking.get("experiment", "lcm-distill"), enabled=bool(run_id))
+    evaluator = instantiate(cfg.eval)(device=device)
+    teacher = instantiate(cfg.teacher)
+    student = instantiate(cfg.student, teacher=teacher)
+    if not student.saved(out):
+        raise SystemExit(f"lcm-exp-eval: {out} holds no trained student (written at the end of a finished lcm-exp run)")
+    target = copy.deepcopy(student.unet) if student.ema_target else student.unet
+    student.load(out, student.unet, target)
+    net = student.inference_unet(target if evaluator.model == "target" else student.unet)
+    student.teacher_again()
+    teacher.to(device)
+    skip = instantiate(cfg.skip).for_teacher(teacher.num_train_timesteps)
+    stream = stream_of(instantiate(cfg.data)(batch_size=1, teacher=teacher))
+    w = instantiate(cfg.guidance).mid
+    tracker = instantiate(cli.tracking, uri=uri, experiment=cfg.tracking.get("experiment", "lcm-distill"),
+                          enabled=bool(run_id), system_metrics=False)
     if not run_id:
         log.warning("no MLflow run recorded for %s: metrics are only written to %s/eval", out, out)
     tracker.start({}, run_id=run_id)
     status = "FAILED"
     try:
         step = json.loads((out / RUN_FILE).read_text()).get("step", 0) if (out / RUN_FILE).exists() else 0
-        metrics = evaluate_run(cfg, teacher, unet, tracker, out, step=step, device=device)
+        metrics = evaluate_run(evaluator, teacher, net.to(device), stream.eval_source, tracker, out, step=step, w=w,
+                               resolution=stream.resolution, num_steps=skip.num_steps,
+                               timestep_scaling=student.timestep_scaling)
         status = "FINISHED"
     finally:
         tracker.end(status)

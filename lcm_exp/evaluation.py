@@ -70,12 +70,24 @@ class EvalResult:
 class Evaluator:
     """Built from `conf/eval/` (`instantiate(cfg.eval)(device=...)`); `evaluate(...)` samples and measures."""
 
-    def __init__(self, steps: Sequence[int] = (1, 2, 4, 8), num_prompts: int = 16, reference_steps: int = 50,
-                 seed: int = 1234, w: float | None = None, objective: str = "eval/student_4step/psnr_to_ref",
-                 enabled: bool = True, prompts: Sequence[str] = (), batch_size: int = 16, model: str = "target",
-                 timestep_spacing: str = "trailing", psnr_cap: float = 100.0, fid: bool | None = None,
-                 fid_weights: str | None = None, num_real: int = 64, clip_model: str | None = None,
-                 device: torch.device | str | None = None, **_):
+    def __init__(self, steps: list, num_prompts: int, reference_steps: int, seed: int, w: float | None,
+                 objective: str, enabled: bool, prompts: list, batch_size: int, model: str, timestep_spacing: str,
+                 psnr_cap: float, fid: bool | None, fid_weights: str | None, num_real: int, clip_model: str | None,
+                 device: torch.device | str | None = None):
+        from .config import invalid
+
+        checks = [(all(int(s) >= 1 for s in steps), "steps", list(steps), "step counts >= 1"),
+                  (reference_steps >= 1, "reference_steps", reference_steps, ">= 1"),
+                  (num_prompts >= 1, "num_prompts", num_prompts, ">= 1"),
+                  (batch_size >= 1, "batch_size", batch_size, ">= 1"),
+                  (model in ("target", "online"), "model", model, "target (the EMA) or online"),
+                  (timestep_spacing in ("leading", "trailing", "linspace"), "timestep_spacing", timestep_spacing,
+                   "one of leading, trailing, linspace"),
+                  (not enabled or str(objective).startswith("eval/"), "objective", objective,
+                   "a metric name eval/<model>_<n>step/<metric>, e.g. eval/student_4step/psnr_to_ref")]
+        for ok, key, value, expected in checks:
+            if not ok:
+                raise invalid(f"eval.{key}", value, expected)
         self.steps = [int(s) for s in steps]
         self.num_prompts, self.reference_steps, self.seed, self.w = int(num_prompts), int(reference_steps), int(seed), w
         self.objective, self.enabled, self.prompts = objective, enabled, list(prompts or [])
@@ -304,47 +316,27 @@ def write_report(res: EvalResult, out_dir: Path, reference_steps: int | None = N
     return [out_dir / n for n in ("eval_table.md", "eval_table.csv", "eval_grid.png", "eval_prompts.txt")]
 
 
-# ----------------------------------------------------------------------------------------------- from a config
-def eval_prompts(cfg, evaluator: Evaluator, real_batch: Callable[[], dict] | None = None) -> list[str]:
-    """`eval.prompts` when given; for data=shapes its held-out captions; else the dataset's first captions."""
+# ---------------------------------------------------------------------------------------------------- a run
+def eval_prompts(evaluator: Evaluator, source) -> list[str]:
+    """`eval.prompts` when given; else the dataset's held-out prompts (data=shapes); else its first captions."""
     if evaluator.prompts:
         return list(evaluator.prompts)[: evaluator.num_prompts] if evaluator.num_prompts else list(evaluator.prompts)
-    if is_shapes(cfg):
-        from .data.shapes import eval_prompts as held_out
-
-        return held_out(evaluator.num_prompts, seed=evaluator.seed)
-    if real_batch is None:
-        raise ValueError("eval.prompts is empty and there is no dataset to take captions from")
+    if source.prompts is not None:
+        return source.prompts(evaluator.num_prompts, seed=evaluator.seed)
     log.warning("eval.prompts is empty: using the first %d captions of the dataset", evaluator.num_prompts)
-    return list(real_batch()["captions"])[: evaluator.num_prompts]
+    return list(next(iter(source.batches(evaluator.num_prompts)))["captions"])[: evaluator.num_prompts]
 
 
-def is_shapes(cfg) -> bool:
-    target = str(cfg.data.get("_target_", ""))
-    return target.endswith(".shapes_loader") or (target.endswith(".cached_loader") and not cfg.data.get("urls"))
-
-
-def data_loader(cfg, batch_size: int):
-    """Real images of the dataset (for data=cached from shapes: the shapes images it was computed from)."""
-    from hydra.utils import instantiate
-
-    from .data import shapes_loader
-
-    if is_shapes(cfg) and str(cfg.data._target_).endswith(".cached_loader"):
-        return shapes_loader(batch_size=batch_size, num_samples=cfg.data.num_samples, resolution=cfg.data.resolution,
-                             seed=cfg.data.seed, cache_dir=cfg.data.cache_dir)
-    return instantiate(cfg.data)(batch_size=batch_size, rank=0, world_size=1)
-
-
-def real_images_fn(cfg, batch: int = 64):
-    """n → the dataset's first n images in [0, 1] (B, 3, H, W), read once and kept."""
+def real_images_fn(source, batch: int = 64):
+    """n → the dataset's first n images in [0, 1] (B, 3, H, W), read once and kept; None without images."""
     cache: dict = {}
 
     def take(n: int) -> torch.Tensor:
         if cache.get("n", 0) < n:
-            data = data_loader(cfg, min(batch, n))
             out, got = [], 0
-            for b in data:
+            for b in source.batches(min(batch, n)):
+                if "pixels" not in b:
+                    raise ValueError("the dataset holds no images (data=cached of other shards)")
                 out.append(b["pixels"][: n - got])
                 got += len(out[-1])
                 if got >= n:
@@ -355,21 +347,19 @@ def real_images_fn(cfg, batch: int = 64):
     return take
 
 
-def evaluate_run(cfg, teacher, student_unet, tracker, out_dir: Path, step: int = 0,
-                 device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate_run(evaluator: Evaluator, teacher, student_unet, source, tracker, out_dir: Path, step: int, w: float,
+                 resolution: int, num_steps: int, timestep_scaling: float) -> dict[str, float]:
     """The evaluation of one run: samples, measures, writes the table and the grid into `out_dir/eval/`,
-    logs metrics and artifacts (artifact path `eval/`) to the tracker's run, returns the metrics."""
-    from hydra.utils import instantiate
-
-    ev: Evaluator = instantiate(cfg.eval)(device=device)
-    w = float(ev.w) if ev.w is not None else 0.5 * (cfg.guidance.w_min + cfg.guidance.w_max)
-    real = real_images_fn(cfg, ev.batch_size)
-    prompts = eval_prompts(cfg, ev, real_batch=lambda: next(iter(data_loader(cfg, ev.num_prompts))))
+    logs metrics and artifacts (artifact path `eval/`) to the tracker's run, returns the metrics. `source`: the
+    dataset's `EvalSource`; `w`: the guidance's mid-range w unless `eval.w` is set; `num_steps`: the training
+    grid's N = T // k."""
+    ev = evaluator
+    w = float(ev.w) if ev.w is not None else float(w)
+    prompts = eval_prompts(ev, source)
     unet = copy.deepcopy(student_unet)  # eval may cast; the trained module stays as it is
-    res = ev.evaluate(teacher, unet, prompts, w=w, height=cfg.data.resolution, width=cfg.data.resolution,
-                      original_inference_steps=teacher.num_train_timesteps // int(cfg.skip.k),
-                      timestep_scaling=float(cfg.student.timestep_scaling), real_images=real,
-                      adherence=is_shapes(cfg))
+    res = ev.evaluate(teacher, unet, prompts, w=w, height=resolution, width=resolution,
+                      original_inference_steps=num_steps, timestep_scaling=float(timestep_scaling),
+                      real_images=real_images_fn(source, ev.batch_size), adherence=source.adherence)
     paths = write_report(res, Path(out_dir) / "eval", reference_steps=ev.reference_steps)
     tracker.log_metrics({**headline_metrics(res.metrics, ev.objective, res.steps), **res.metrics}, step)
     for p in paths:

@@ -150,7 +150,7 @@ def random_layers(unet) -> tuple[bool, bool]:
 def overlap_obstacles(lcd, student_unet, device: torch.device, compile: bool) -> list[str]:
     """Why the frozen passes may not run beside the student's here (empty: they may)."""
     cannot = []
-    if lcd.method != "ct" and not isinstance(lcd.teacher, torch.nn.Module):
+    if lcd.method.uses_teacher and not isinstance(lcd.teacher, torch.nn.Module):
         cannot.append("the teacher is the student with its adapters switched off (LCM-LoRA), one module whose "
                       "adapters the two threads would switch under each other")
     if any(random_layers(student_unet)) and lcd.target is student_unet:

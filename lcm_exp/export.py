@@ -10,7 +10,6 @@ checkpoint of a run (or a finished run's folder).
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import logging
@@ -23,8 +22,8 @@ log = logging.getLogger(__name__)
 EXPORT_FILE = "lcm_exp_export.json"
 
 
-def lcm_scheduler(teacher, k: int, timestep_scaling: float):
-    """The teacher's noise schedule as an LCMScheduler on the training skip-step grid."""
+def lcm_scheduler(teacher, num_steps: int, timestep_scaling: float):
+    """The teacher's noise schedule as an LCMScheduler on the training skip-step grid (N = T // k steps)."""
     from diffusers import LCMScheduler
 
     # clip_sample=False: LCM's own setting (clipping latents to [-1, 1] is wrong; a DDPM config read from SD 1.5's
@@ -32,7 +31,7 @@ def lcm_scheduler(teacher, k: int, timestep_scaling: float):
     # left out, so that loading the saved scheduler does not warn about them.
     accepted = inspect.signature(LCMScheduler.__init__).parameters
     config = {k: v for k, v in teacher.scheduler.config.items() if k in accepted}
-    return LCMScheduler.from_config(config, original_inference_steps=teacher.num_train_timesteps // k,
+    return LCMScheduler.from_config(config, original_inference_steps=num_steps,
                                     timestep_scaling=timestep_scaling, clip_sample=False)
 
 
@@ -59,30 +58,44 @@ def lora_pipeline_class(teacher):
     return StableDiffusionXLPipeline if getattr(teacher, "text_encoder_2", None) is not None else StableDiffusionPipeline
 
 
-def export(teacher, student, unet, out_dir: str | Path, k: int, timestep_scaling: float | None = None,
-           step: int | None = None) -> Path:
-    """Writes the export of `unet` (a trained network of `student`) into `out_dir`; returns it."""
-    from .students import lora_state_dict
-
+def export(teacher, student, unet, out_dir: str | Path, num_steps: int, step: int | None = None) -> Path:
+    """Writes the export of `unet` (a trained network of `student`) into `out_dir` (the student kind decides
+    what that is), with `lcm_exp_export.json`; `num_steps`: the training grid's N = T // k. Returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scheduler = lcm_scheduler(teacher, k, timestep_scaling if timestep_scaling is not None else student.timestep_scaling)
-    unet = getattr(unet, "module", unet)  # DDP-wrapped
-    info = {"kind": student.kind, "base_model": teacher.path, "teacher": teacher.name, "skip_k": int(k),
-            "original_inference_steps": scheduler.config.original_inference_steps,
-            "timestep_scaling": scheduler.config.timestep_scaling, "step": step}
-    if student.kind == "lora":
-        cls = lora_pipeline_class(teacher)
-        cls.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
-        scheduler.save_pretrained(out / "scheduler")
-        info["load"] = (f"pipe = {cls.__name__}.from_pretrained(base_model); pipe.scheduler = "
-                        "LCMScheduler.from_pretrained(folder, subfolder='scheduler'); pipe.load_lora_weights(folder)")
-    else:
-        plain = unet if unet.dtype == torch.float32 else copy.deepcopy(unet).float()
-        pipeline(teacher, plain, scheduler).save_pretrained(out, safe_serialization=True)
-        info["load"] = "pipe = DiffusionPipeline.from_pretrained(folder)"
+    scheduler = lcm_scheduler(teacher, num_steps, student.timestep_scaling)
+    load = student.export(teacher, getattr(unet, "module", unet), out, scheduler)  # (DDP-wrapped: its module)
+    info = {"kind": student.kind, "base_model": teacher.path, "teacher": teacher.name,
+            "skip_k": teacher.num_train_timesteps // num_steps, "original_inference_steps": num_steps,
+            "timestep_scaling": scheduler.config.timestep_scaling, "step": step, "load": load}
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2))
     return out
+
+
+class Exporter:
+    """`conf/export/`: at the end of a run, the export of the trained student (`export`), logged as the MLflow
+    artifact `model`, and with `register` a new version of that registered model (`lcm_exp.registry`)."""
+
+    def __init__(self, enabled: bool, model: str, dir: str, register: str | None):
+        if model not in ("target", "online"):
+            from .config import invalid
+
+            raise invalid("export.model", model, "target (the EMA) or online")
+        self.enabled, self.model, self.dir, self.register = enabled, model, dir, register
+
+    def __call__(self, teacher, student, ema, trainer, tracker, num_steps: int, sampling: dict) -> Path | None:
+        """`sampling`: the registered model's defaults (`lcm_exp.registry.defaults`)."""
+        if not self.enabled:
+            return None
+        from .registry import register
+
+        net = ema.averaged() if self.model == "target" else trainer.unwrap(student.unet)
+        folder = export(teacher, student, net, trainer.output_dir / self.dir, num_steps, step=trainer.global_step)
+        tracker.log_artifact(folder, "model")
+        log.info("exported the %s student (%s) to %s (MLflow artifact `model`)", student.kind, self.model, folder)
+        print(f"lcm-exp: exported model: {folder.resolve()}", flush=True)
+        register(self.register, folder, teacher, student, tracker, sampling, teacher.num_train_timesteps // num_steps)
+        return folder
 
 
 # ------------------------------------------------------------------------------------------------ from a checkpoint
@@ -98,35 +111,23 @@ def _latest_checkpoint(run: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_trained(cfg: DictConfig, teacher, student, ema, path: Path) -> int:
+def load_trained(student, ema, path: Path) -> int:
     """Loads a checkpoint's online weights (and EMA target) into `student`/`ema`, or a finished run's saved
-    `student_unet/`+`target_unet/` (full) / `student_lora/`+`target_lora/` (LoRA). Returns the step."""
+    networks (`Student.save`). Returns the step."""
     from safetensors.torch import load_file
 
     if (path / "trainer_state.json").exists():  # an accelerate checkpoint: model.safetensors + custom_checkpoint_0.pkl
         state = load_file(path / "model.safetensors")
         missing, unexpected = student.unet.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if student.kind != "lora" or "lora" in m]:
+        trained = {n for n, p in student.unet.named_parameters() if p.requires_grad}
+        if unexpected or trained & set(missing):
             raise SystemExit(f"lcm-exp-export: {path} does not match the run's student ({missing[:3]}, {unexpected[:3]})")
         ema_file = path / "custom_checkpoint_0.pkl"
         if student.ema_target and ema_file.exists():
             ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
         return int(json.loads((path / "trainer_state.json").read_text())["step"])
-    step = json.loads((path / "lcm_exp_run.json").read_text()).get("step", 0) if (path / "lcm_exp_run.json").exists() else 0
-    if student.kind == "lora":
-        from peft import set_peft_model_state_dict
-
-        for sub, net in (("student_lora", student.unet), ("target_lora", ema.target)):
-            f = path / sub / "pytorch_lora_weights.safetensors"
-            if f.exists():
-                set_peft_model_state_dict(net, {k.removeprefix("unet."): v for k, v in load_file(f).items()})
-        return step
-    from diffusers import UNet2DConditionModel
-
-    for sub, net in (("student_unet", student.unet), ("target_unet", ema.target)):
-        if (path / sub).is_dir():
-            net.load_state_dict(UNet2DConditionModel.from_pretrained(path / sub).state_dict())
-    return step
+    student.load(path, student.unet, ema.target)
+    return json.loads((path / "lcm_exp_run.json").read_text()).get("step", 0) if (path / "lcm_exp_run.json").exists() else 0
 
 
 def export_checkpoint(path: str | Path, out: str | Path | None = None, model: str | None = None,
@@ -136,20 +137,22 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, model: st
     weights) and exports it. Returns the export folder."""
     from hydra.utils import instantiate
 
+    from .config import stored
     from .ema import OnlineTarget
 
     path = Path(path).expanduser().resolve()
     run = _run_folder(path)
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    if path == run and not (run / "student_unet").is_dir() and not (run / "student_lora").is_dir():
-        path = _latest_checkpoint(run) or path
+    cfg = stored(OmegaConf.load(run / ".hydra" / "config.yaml"))
     teacher = instantiate(cfg.teacher).to(device)
     student = instantiate(cfg.student, teacher=teacher)
+    if path == run and not student.saved(run):
+        path = _latest_checkpoint(run) or path
     ema = instantiate(cfg.ema)(online=student.unet) if student.ema_target else OnlineTarget(student.unet)
-    step = load_trained(cfg, teacher, student, ema, path)
+    step = load_trained(student, ema, path)
     which = model or cfg.get("export", {}).get("model", "target")
-    unet = ema.target if which == "target" else student.unet
+    unet = ema.averaged() if which == "target" else student.unet
     out = Path(out) if out else (path if path.name.startswith("checkpoint-") else run) / "export"
-    folder = export(teacher, student, unet, out, k=int(cfg.skip.k), step=step)
+    skip = instantiate(cfg.skip).for_teacher(teacher.num_train_timesteps)
+    folder = export(teacher, student, unet, out, skip.num_steps, step=step)
     print(f"lcm-exp-export: exported step {step} ({student.kind}, {which}) to {folder.resolve()}", flush=True)
     return folder

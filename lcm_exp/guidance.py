@@ -20,9 +20,18 @@ def guidance_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.flo
 
 
 class UniformGuidance:
-    """w ~ U[w_min, w_max], one value per example."""
+    """w ~ U[w_min, w_max], one value per example.
+
+    The interface of a guidance sampler (`conf/guidance/`): `sample(n, device, generator) -> w` (one value per
+    example, drawn from `generator` only) and `mid`, the w at which validation and evaluation sample."""
 
     def __init__(self, w_min: float, w_max: float):
+        from .config import invalid
+
+        if w_min > w_max:
+            raise invalid("guidance.w_min", f"{float(w_min)} > guidance.w_max={float(w_max)}", "w_min <= w_max")
+        if w_min < 0:
+            raise invalid("guidance.w_min", w_min, ">= 0 (w=0 is the conditional model)")
         self.w_min, self.w_max = float(w_min), float(w_max)
 
     def sample(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None):

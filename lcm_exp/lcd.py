@@ -10,12 +10,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .guidance import UniformGuidance, guidance_embedding
+from .guidance import guidance_embedding
+from .methods import Distillation
+from .schedules import bcast as _bcast
+from .schedules import x0_and_eps  # noqa: F401  (re-exported: the math of eq. 1 next to the step that uses it)
 from .skip import SkipSchedule
-
-
-def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
 def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
@@ -25,25 +24,6 @@ def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling
     c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
     c_out = st / (st ** 2 + sigma_data ** 2) ** 0.5
     return c_skip.float(), c_out.float()
-
-
-def x0_and_eps(model_output: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor, alphas_cumprod: torch.Tensor,
-               prediction_type: str):
-    """Inverts z_t = √ᾱ x0 + √(1−ᾱ) ε (the forward process, LCM eq. 1) for the model's parameterisation."""
-    a = _bcast(alphas_cumprod[t], z_t)
-    sa, s1a = a.sqrt(), (1 - a).sqrt()
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (z_t - s1a * eps) / sa
-    elif prediction_type == "v_prediction":  # v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022)
-        x0 = sa * z_t - s1a * model_output
-        eps = sa * model_output + s1a * z_t
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (z_t - sa * x0) / s1a
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
-    return x0, eps
 
 
 def _cast(cond, dtype: torch.dtype):
@@ -74,20 +54,22 @@ class LCD:
 
     student: torch.nn.Module  # f_θ, the online consistency model (a UNet with time_cond_proj_dim)
     target: torch.nn.Module  # f_θ⁻, EMA of the student
-    teacher: torch.nn.Module  # the frozen teacher UNet (ε or v prediction)
-    alphas_cumprod: torch.Tensor  # ᾱ_t of the teacher's noise schedule, on the training device
-    prediction_type: str
-    solver: Callable  # Φ: solvers.ddim / euler / heun
+    teacher: Callable  # the frozen teacher's denoiser (a UNet; ε, v or x0 prediction)
+    schedule: object  # the teacher's noise schedule, on the training device (lcm_exp.schedules)
+    solver: Callable  # Φ: solvers.ddim / euler / heun (conf/solver)
     skip: SkipSchedule
-    guidance: UniformGuidance
-    distance: Callable  # d(·,·): losses.l2 / huber, its constant c bound
+    guidance: object  # the ω sampler (conf/guidance): sample(n, device, generator)
+    distance: Callable  # d(·,·): losses.l2 / huber, its constant c bound (conf/loss)
     w_embedding_dim: int = 256
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
     teacher_dtype: torch.dtype = torch.float32
     batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
     teacher_first: bool = False  # the no-grad teacher/target passes before the online forward (same loss)
-    method: str = "lcd"  # lcd: the teacher's guided solver step; ct: consistency training, no teacher (CM §5)
+    method: object = None  # where the target point is taken (conf/method); None: distillation (LCM Alg. 1)
+
+    def __post_init__(self):
+        self.method = self.method or Distillation()
 
     def _frozen(self, net, z, t, cond, **kw):
         """A no-grad pass of the teacher or the target: natively in its own low precision when it has one."""
@@ -103,7 +85,7 @@ class LCD:
         # w_emb None: a student without w input (LoRA)
         out = (self._frozen(unet, z, t, cond, timestep_cond=w_emb) if frozen
                else unet(z, t, timestep_cond=w_emb, **cond).sample)
-        x0, _ = x0_and_eps(out, t, z, self.alphas_cumprod, self.prediction_type)
+        x0, _ = self.schedule.x0_and_eps(out, t, z)
         return _bcast(c_skip, z) * z + _bcast(c_out, z) * x0
 
     def guided_teacher(self, cond, uncond, w):
@@ -119,8 +101,8 @@ class LCD:
             else:
                 out_c = self._frozen(self.teacher, zt, t, cond)
                 out_u = self._frozen(self.teacher, zt, t, uncond)
-            x0_c, eps_c = x0_and_eps(out_c, t, z, self.alphas_cumprod, self.prediction_type)
-            x0_u, eps_u = x0_and_eps(out_u, t, z, self.alphas_cumprod, self.prediction_type)
+            x0_c, eps_c = self.schedule.x0_and_eps(out_c, t, z)
+            x0_u, eps_u = self.schedule.x0_and_eps(out_u, t, z)
             return x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
 
         return denoise
@@ -128,7 +110,7 @@ class LCD:
     def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> "Draw":
         """The step's random draws for a batch of latents, in Algorithm 1's order."""
         bsz, device = latents.shape[0], latents.device
-        # Sample n ~ U[1, N − 1]: the pair (t_{n+k}, t_n) on the skipping-step DDIM grid (§4.3).
+        # Sample the pair (t_{n+k}, t_n) uniformly on the skipping-step DDIM grid t = (1..N)·k − 1 (§4.3).
         t, t_prev = (x.to(device) for x in self.skip.sample(bsz, generator))
         # ε ~ N(0, I) for z_{t_{n+k}} (eq. 1).
         noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu")
@@ -140,9 +122,8 @@ class LCD:
                draw: "Draw | None" = None) -> "Noised":
         """A step's draws (given, or drawn from `generator`) and the noisy latents they make."""
         t, t_prev, noise, w = draw or self.draw(latents, generator)
-        # z_{t_{n+k}} ~ N(√ᾱ z, (1 − ᾱ) I) (eq. 1).
-        a = _bcast(self.alphas_cumprod[t], latents)
-        z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+        # z_{t_{n+k}} = α z + σ ε (eq. 1).
+        z_t = self.schedule.add_noise(latents, noise, t)
         # ω embedded as the student's timestep condition (§4.2).
         # (A student without a w input, LCM-LoRA, gets none: ω then acts only in the teacher's CFG.)
         w_emb = guidance_embedding(w, self.w_embedding_dim).to(latents.dtype) if self.w_embedding_dim else None
@@ -150,14 +131,8 @@ class LCD:
 
     @torch.no_grad()
     def solver_step(self, x: "Noised", cond: dict, uncond: dict) -> torch.Tensor:
-        """ẑ_{t_n}, the point one skipping step nearer the data than z_{t_{n+k}}."""
-        if self.method == "ct":
-            # Consistency training (CM §5, Song et al. 2023): the unbiased single-sample estimate
-            # ẑ_{t_n} = √ᾱ_{t_n} z + √(1 − ᾱ_{t_n}) ε with the same ε, in place of the teacher's solver step.
-            a_prev = _bcast(self.alphas_cumprod[x.t_prev], x.latents)
-            return a_prev.sqrt() * x.latents + (1 - a_prev).sqrt() * x.noise
-        # ẑ_{t_n} = z_{t_{n+k}} + (1 + ω) Φ(...) − ω Φ(..., ∅): the guided solver step (eq. 8).
-        return self.solver(self.guided_teacher(cond, uncond, x.w), x.z_t, x.t, x.t_prev, self.alphas_cumprod)
+        """ẑ_{t_n}, the point one skipping step nearer the data than z_{t_{n+k}}: the method's (eq. 8 for LCD)."""
+        return self.method.target_point(self, x, cond, uncond)
 
     @torch.no_grad()
     def target_fn(self, x: "Noised", z_prev: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -23,15 +23,13 @@ EXAMPLE_PROMPTS = ["a large red circle in the center on a white background",
 REQUIREMENTS = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "pillow", "pandas")
 
 
-def defaults(cfg, student) -> dict:
-    """The student's sampling defaults: the eval objective's step count (else 4), w in the middle of the training
-    range as a diffusers guidance scale (w + 1; 1.0 for LCM-LoRA, which samples without guidance), the
-    training resolution, seed 0."""
-    m = re.match(r"^eval/student_(\d+)step/", str(cfg.eval.objective))
-    w = cfg.eval.w if cfg.eval.w is not None else (cfg.guidance.w_min + cfg.guidance.w_max) / 2
-    res = int(cfg.data.resolution)
-    return {"num_inference_steps": int(m.group(1)) if m else 4, "seed": 0, "height": res, "width": res,
-            "guidance_scale": float(w) + 1.0 if student.kind != "lora" else 1.0}
+def defaults(student, objective: str, w: float, resolution: int) -> dict:
+    """The student's sampling defaults: the eval objective's step count (else 4), `w` (the evaluation's) as a
+    diffusers guidance scale (w + 1; 1.0 for a student without a w input, LCM-LoRA), the training resolution,
+    seed 0."""
+    m = re.match(r"^eval/student_(\d+)step/", str(objective))
+    return {"num_inference_steps": int(m.group(1)) if m else 4, "seed": 0, "height": int(resolution),
+            "width": int(resolution), "guidance_scale": student.guidance_scale(float(w))}
 
 
 def signature(d: dict):
@@ -78,31 +76,31 @@ def save(folder: Path, out: Path, teacher, student, config: dict) -> Path:
     return out
 
 
-def register(cfg, folder: Path, teacher, student, tracker) -> tuple[str, str] | None:
-    """Saves, logs and registers the pyfunc model of the export `folder`; (name, version). None when the run is
-    not tracked or the registry refused (said in the log and the run's tag `lcm_exp.register_error`: the
-    trained student and its export stay, and the run goes on to its evaluation). Nothing without the key."""
-    if not cfg.export.get("register"):
+def register(name: str | None, folder: Path, teacher, student, tracker, sampling: dict, skip_k: int):
+    """Saves, logs and registers the pyfunc model of the export `folder` as a new version of `name`
+    (`export.register`); `sampling`: its `defaults`. Returns (name, version), or None when the run is not tracked
+    or the registry refused (said in the log and the run's tag `lcm_exp.register_error`: the trained student and
+    its export stay, and the run goes on to its evaluation). Nothing without a name."""
+    if not name:
         return None
-    name = str(cfg.export.register)
     if tracker.run_id is None or tracker.client is None:
         log.warning("export.register=%s: the run is not tracked (tracking.enabled=false); nothing registered", name)
         return None
     try:
-        return _register(cfg, name, folder, teacher, student, tracker)
+        return _register(name, folder, teacher, student, tracker, sampling, skip_k)
     except Exception as e:  # noqa: BLE001
         log.error("export.register=%s failed: %s", name, e)
         tracker.set_tags({"lcm_exp.register_error": str(e)[:2000]})
         return None
 
 
-def _register(cfg, name: str, folder: Path, teacher, student, tracker) -> tuple[str, str]:
+def _register(name: str, folder: Path, teacher, student, tracker, sampling: dict, skip_k: int) -> tuple[str, str]:
     import shutil
 
     from mlflow.tracking import MlflowClient
     out = Path(folder).parent / ARTIFACT
     shutil.rmtree(out, ignore_errors=True)
-    save(Path(folder), out, teacher, student, defaults(cfg, student))
+    save(Path(folder), out, teacher, student, sampling)
     client = MlflowClient(tracker.uri)
     client.log_artifacts(tracker.run_id, str(out), ARTIFACT)  # now, not queued: the version points at it
     try:
@@ -113,7 +111,7 @@ def _register(cfg, name: str, folder: Path, teacher, student, tracker) -> tuple[
             raise
     source = client.get_run(tracker.run_id).info.artifact_uri.rstrip("/") + "/" + ARTIFACT
     mv = client.create_model_version(name, source, run_id=tracker.run_id, tags={
-        "lcm_exp.kind": student.kind, "lcm_exp.teacher": teacher.name, "lcm_exp.skip_k": str(cfg.skip.k)})
+        "lcm_exp.kind": student.kind, "lcm_exp.teacher": teacher.name, "lcm_exp.skip_k": str(skip_k)})
     tracker.set_tags({"lcm_exp.registered_model": f"{name}/{mv.version}"})
     log.info("registered %s version %s (models:/%s/%s)", name, mv.version, name, mv.version)
     print(f"lcm-exp: registered model: models:/{name}/{mv.version}", flush=True)

@@ -13,10 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
 from .config import validate
+from .data import stream_of
 from .ema import OnlineTarget
 from .lcd import LCD
-from .optim import lr_schedule
 from .preemption import Preempted, SignalGuard, under_submitit
+from .registry import defaults
 from .tracking import run_tags
 from .validation import Validator
 
@@ -41,38 +42,35 @@ class Parts:
     student: object
     ema: object
     lcd: LCD
-    optimizer: object
+    optim: object  # lcm_exp.optim.Optimisation
     scheduler: object
 
 
 def build(cfg: DictConfig, trainer) -> Parts:
-    """Teacher, student, target, LCD step, optimiser and lr schedule. The student is copied from the teacher's
-    fp32 weights; then the frozen teacher is cast to the mixed-precision dtype, while every trained parameter
-    stays fp32 (mixed precision computes in bf16/fp16 on fp32 master weights)."""
+    """Every part from its group. The cheap ones first (their values are checked as they are built); the
+    student is copied from the teacher's fp32 weights, then the frozen teacher is cast to the mixed-precision
+    dtype while every trained parameter stays fp32 (mixed precision computes in bf16/fp16 on fp32 masters)."""
     acc = trainer.accelerator
+    method, guidance = instantiate(cfg.method), instantiate(cfg.guidance)
+    solver, distance, make_ema = instantiate(cfg.solver), instantiate(cfg.loss), instantiate(cfg.ema)
+    skip = instantiate(cfg.skip)
     teacher = instantiate(cfg.teacher)
     student = instantiate(cfg.student, teacher=teacher)
-    if cfg.method.from_scratch:  # consistency training from scratch: a randomly initialised student
-        reinitialise(student.unet)
+    method.init_student(student)
     teacher.to(acc.device, trainer.weight_dtype)
     student.unet.to(acc.device)
     for p in student.trainable_parameters():  # (LoRA's adapters sit in the teacher's UNet, cast just above)
         p.data = p.data.float()
-    ema = (instantiate(cfg.ema)(online=student.unet, dtype=trainer.weight_dtype) if student.ema_target
-           else OnlineTarget(student.unet))
+    ema = make_ema(online=student.unet, dtype=trainer.weight_dtype) if student.ema_target else OnlineTarget(student.unet)
     lcd = LCD(student=student.unet, target=ema.target, teacher=student.teacher_unet or teacher.unet,
-              method=cfg.method.name,
-              alphas_cumprod=teacher.scheduler.alphas_cumprod.to(acc.device), prediction_type=teacher.prediction_type,
-              solver=instantiate(cfg.solver), skip=instantiate(cfg.skip)(num_train_timesteps=teacher.num_train_timesteps),
-              guidance=instantiate(cfg.guidance), distance=instantiate(cfg.loss),
-              w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
+              schedule=teacher.schedule.to(acc.device), solver=solver,
+              skip=skip.for_teacher(teacher.num_train_timesteps), guidance=guidance,
+              distance=distance, w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
               timestep_scaling=student.timestep_scaling,
               teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
-              batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
-    optimizer = instantiate(cfg.optim)(params=student.trainable_parameters())
-    n = acc.num_processes  # accelerate steps a prepared scheduler once per process
-    scheduler = lr_schedule(optimizer, cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps * n, cfg.trainer.max_steps * n)
-    return Parts(teacher, student, ema, lcd, optimizer, scheduler)
+              batched_cfg=trainer.batched_cfg, teacher_first=trainer.teacher_first, method=method)
+    optim = instantiate(cfg.optim)(params=student.trainable_parameters())
+    return Parts(teacher, student, ema, lcd, optim, optim.schedule(trainer.max_steps, acc.num_processes))
 
 
 def run(cfg: DictConfig) -> float:
@@ -82,17 +80,18 @@ def run(cfg: DictConfig) -> float:
     last lines printed name the newest checkpoint and the command that resumes it."""
     validate(cfg)
     start_dir, out_dir = hydra_dirs()
-    trainer = instantiate(cfg.trainer)(output_dir=str(out_dir / cfg.trainer.output_dir))
+    trainer = instantiate(cfg.trainer)(job_dir=str(out_dir))
     acc = trainer.accelerator
+    evaluator, exporter = instantiate(cfg.eval)(device=acc.device), instantiate(cfg.export)
     # (a job submitit requeued after a preemption resumes from its own folder by itself)
-    candidates = ckpt.find(cfg.trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
+    candidates = ckpt.find(trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
     resumed = ckpt.read_state(candidates[0]) if candidates else {}
 
     tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
     if not acc.is_main_process:
         tracker.enabled = False
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(cfg),
+    tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(evaluator),
             "lcm_exp.world_size": str(acc.num_processes)}
     tracker.start(resolved, tags=tags, run_id=resumed.get("mlflow_run_id"))
     if resumed:  # a continued run keeps its tags; these may have changed
@@ -104,19 +103,19 @@ def run(cfg: DictConfig) -> float:
     with SignalGuard() as guard:
         try:
             parts = build(cfg, trainer)
-            teacher, student, ema = parts.teacher, parts.student, parts.ema
-            trainer.prepare(parts.lcd, student, ema, parts.optimizer, parts.scheduler)
+            teacher, student, ema, lcd = parts.teacher, parts.student, parts.ema, parts.lcd
+            trainer.prepare(lcd, student, ema, parts.optim.optimizer, parts.scheduler)
             state = trainer.resume_from(candidates)
-            data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size, rank=acc.process_index,
+            data = instantiate(cfg.data)(batch_size=trainer.batch_size, rank=acc.process_index,
                                          world_size=acc.num_processes, teacher=teacher, state=state.get("data"))
-            validator = Validator(teacher, student.unet, ema.target, skip_k=cfg.skip.k,
-                                  timestep_scaling=student.timestep_scaling, resolution=cfg.data.resolution,
-                                  out_dir=out_dir, tracker=tracker, steps=tracker.validation_steps,
-                                  prompts=tracker.validation_prompts, seed=cfg.trainer.seed,
-                                  w=(cfg.guidance.w_min + cfg.guidance.w_max) / 2, unwrap=trainer.unwrap,
-                                  dtype=trainer.weight_dtype)
+            stream = stream_of(data)
+            w = lcd.guidance.mid if evaluator.w is None else float(evaluator.w)  # validation's and evaluation's
+            validator = Validator(teacher, student, ema.target, num_steps=lcd.skip.num_steps,
+                                  resolution=stream.resolution, out_dir=out_dir, tracker=tracker,
+                                  steps=tracker.validation_steps, prompts=tracker.validation_prompts,
+                                  seed=trainer.seed, w=w, unwrap=trainer.unwrap, dtype=trainer.weight_dtype)
             on_validate = validator if acc.is_main_process else None
-            stats = trainer.fit(teacher, data, tracker, max_grad_norm=cfg.optim.max_grad_norm, guard=guard,
+            stats = trainer.fit(teacher, data, tracker, max_grad_norm=parts.optim.max_grad_norm, guard=guard,
                                 on_validate=on_validate, state=keep)
             if acc.num_processes > 1 and trainer.saved_step != trainer.global_step:
                 trainer.save_checkpoint(data, keep)  # (rank 0 alone could not save it if the end fails)
@@ -125,10 +124,11 @@ def run(cfg: DictConfig) -> float:
             objective = float(stats.get("train/loss", float("nan")))
             if acc.is_main_process:
                 save_students(trainer, student, ema, tracker)
-                if cfg.export.enabled:
-                    export_at_end(cfg, teacher, student, ema, trainer, tracker)
-                if cfg.eval.enabled:
-                    objective = evaluate_at_end(cfg, teacher, student, ema, trainer, tracker)
+                exporter(teacher, student, ema, trainer, tracker, lcd.skip.num_steps,
+                         defaults(student, evaluator.objective, w, stream.resolution))
+                if evaluator.enabled:
+                    objective = evaluate_at_end(evaluator, teacher, student, ema, trainer, tracker, stream, w,
+                                                lcd.skip.num_steps)
             status = "FINISHED"
             log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
             return objective
@@ -194,70 +194,35 @@ def log_config(tracker, cfg: DictConfig, out_dir: Path) -> None:
     if hydra_dir.is_dir():
         tracker.log_artifact(hydra_dir, "config/.hydra")
 
-def objective_tags(cfg: DictConfig) -> dict[str, str]:
+def objective_tags(evaluator) -> dict[str, str]:
     """What `run()` returns and which way a sweeper should optimise it (psnr_to_ref: maximize)."""
     from .evaluation import objective_direction
 
-    name = cfg.eval.objective if cfg.eval.enabled else "train/loss"
+    name = evaluator.objective if evaluator.enabled else "train/loss"
     return {"lcm_exp.objective": name, "lcm_exp.objective_direction": objective_direction(name)}
 
 
-def reinitialise(unet: torch.nn.Module) -> None:
-    """Random weights of the same architecture (diffusers' initialisation), in place."""
-    from diffusers import UNet2DConditionModel
-
-    unet.load_state_dict(UNet2DConditionModel.from_config(unet.config).state_dict())
-
-
 def save_students(trainer, student, ema, tracker) -> None:
-    """`student_unet/` (online) and `target_unet/` (EMA) in the run folder, loadable with `from_pretrained`
-    (for LoRA: `student_lora/` and, with an EMA, `target_lora/`, each a pytorch_lora_weights.safetensors),
-    plus `lcm_exp_run.json` (MLflow run id, tracking URI, step) for `lcm-exp-eval dir=...`."""
+    """The final networks in the run folder (`Student.save`: `student_unet/` and `target_unet/`, or the LoRA
+    files), plus `lcm_exp_run.json` (MLflow run id, tracking URI, step) for `lcm-exp-eval dir=...`."""
     out = trainer.output_dir
-    if student.kind == "lora":
-        from diffusers import StableDiffusionPipeline  # the same LoRA file format for SD and SDXL
-
-        from .students import lora_state_dict
-
-        nets = {"student_lora": trainer.unwrap(student.unet)}
-        if student.ema_target:
-            nets["target_lora"] = ema.averaged()
-        for sub, net in nets.items():
-            StableDiffusionPipeline.save_lora_weights(out / sub, unet_lora_layers=lora_state_dict(net))
-    else:
-        trainer.unwrap(student.unet).save_pretrained(out / "student_unet")
-        ema.averaged().save_pretrained(out / "target_unet")
+    student.save(out, trainer.unwrap(student.unet), ema.averaged())
     (out / "lcm_exp_run.json").write_text(json.dumps(
         {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "step": trainer.global_step}, indent=2))
 
 
-def export_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> None:
-    """The diffusers export (`export.py`) of the trained student, logged as the MLflow artifact `model`."""
-    from .export import export
-
-    unet = ema.averaged() if cfg.export.model == "target" else trainer.unwrap(student.unet)
-    folder = export(teacher, student, unet, trainer.output_dir / cfg.export.dir, k=int(cfg.skip.k),
-                    step=trainer.global_step)
-    tracker.log_artifact(folder, "model")
-    log.info("exported the %s student (%s) to %s (MLflow artifact `model`)", student.kind, cfg.export.model, folder)
-    print(f"lcm-exp: exported model: {folder.resolve()}", flush=True)
-    from .registry import register  # export.register=NAME: a pyfunc version in the MLflow Model Registry
-
-    register(cfg, folder, teacher, student, tracker)
-
-
-def evaluate_at_end(cfg: DictConfig, teacher, student, ema, trainer, tracker) -> float:
-    """The evaluation of issue 4 on the trained student; returns `cfg.eval.objective`."""
+def evaluate_at_end(evaluator, teacher, student, ema, trainer, tracker, stream, w: float, num_steps: int) -> float:
+    """The evaluation of the trained student (`lcm_exp.evaluation`); returns `eval.objective`."""
     from .evaluation import evaluate_run
 
-    unet = ema.averaged() if cfg.eval.model == "target" else trainer.unwrap(student.unet)
-    unet = student.inference_unet(unet)  # LoRA: merged into a plain UNet copy
-    if student.kind == "lora":  # from here on teacher.unet is the teacher again (eval's baselines)
-        trainer.unwrap(student.unet).disable_adapters()
-    metrics = evaluate_run(cfg, teacher, unet, tracker, trainer.output_dir, step=trainer.global_step,
-                           device=trainer.accelerator.device)
-    if cfg.eval.objective not in metrics:
-        log.error("eval.objective=%s was not computed (have: %s); returning nan", cfg.eval.objective,
+    net = ema.averaged() if evaluator.model == "target" else trainer.unwrap(student.unet)
+    net = student.inference_unet(net)  # a plain UNet (LoRA: merged into a copy)
+    student.teacher_again()  # from here on teacher.unet is the plain teacher (the evaluation's baselines)
+    metrics = evaluate_run(evaluator, teacher, net, stream.eval_source, tracker, trainer.output_dir,
+                           step=trainer.global_step, w=w, resolution=stream.resolution, num_steps=num_steps,
+                           timestep_scaling=student.timestep_scaling)
+    if evaluator.objective not in metrics:
+        log.error("eval.objective=%s was not computed (have: %s); returning nan", evaluator.objective,
                   ", ".join(sorted(metrics)))
         return float("nan")
-    return float(metrics[cfg.eval.objective])
+    return float(metrics[evaluator.objective])

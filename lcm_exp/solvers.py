@@ -2,11 +2,12 @@
 
 Every solver shares one signature (as k-diffusion's samplers do):
 
-    solver(denoise, z, t, t_prev, alphas_cumprod) -> z_prev
+    solver(denoise, z, t, t_prev, schedule) -> z_prev
 
 `denoise(z, t) -> (x0, eps)` is the teacher with classifier-free guidance already
 applied (LCM paper eq. 6); `t`, `t_prev` are integer timesteps of shape (B,);
-`alphas_cumprod` is the teacher scheduler's ᾱ table on z's device.
+`schedule` is the teacher's noise schedule (`lcm_exp.schedules`). DDIM needs only its
+(α_t, σ_t); Euler and Heun are written for a VP schedule's ᾱ table.
 """
 from __future__ import annotations
 
@@ -17,19 +18,20 @@ def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return table[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
-def ddim(denoise, z, t, t_prev, alphas_cumprod):
-    """DDIM (Song et al. 2021, eq. 12 with σ=0): z_prev = √ᾱ_prev x0 + √(1 − ᾱ_prev) ε. First order, exact
-    Euler in the variables (z/√ᾱ, √((1−ᾱ)/ᾱ)); the seed's solver."""
+def ddim(denoise, z, t, t_prev, schedule):
+    """DDIM (Song et al. 2021, eq. 12 with σ=0): z_prev = α_prev x0 + σ_prev ε. First order, exact Euler in the
+    variables (z/α, σ/α); the seed's solver."""
     x0, eps = denoise(z, t)
-    a_prev = _at(alphas_cumprod, t_prev, z)
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    alpha_prev, sigma_prev = schedule.alpha_sigma(t_prev, z)
+    return alpha_prev * x0 + sigma_prev * eps
 
 
-def euler(denoise, z, t, t_prev, alphas_cumprod):
+def euler(denoise, z, t, t_prev, schedule):
     """Euler's method on the VP probability-flow ODE in t (Song et al. 2021 "Score SDE", eq. 13):
     dz/dt = −½ β(t) (z − ε/σ_t), σ_t = √(1 − ᾱ_t), β(t) = −d log ᾱ/dt. First order, like DDIM, but in t
     rather than in σ: a different discretisation error for the same k, the ablation the solver choice asks for."""
     _, eps = denoise(z, t)
+    alphas_cumprod = schedule.alphas_cumprod
     log_a = alphas_cumprod.double().log()
     beta = -(log_a - torch.cat([log_a.new_zeros(1), log_a[:-1]])).to(alphas_cumprod.dtype)  # −Δ log ᾱ per step
     b, sigma = _at(beta, t, z), (1 - _at(alphas_cumprod, t, z)).sqrt()
@@ -37,9 +39,10 @@ def euler(denoise, z, t, t_prev, alphas_cumprod):
     return z + dt * (-0.5 * b * (z - eps / sigma))
 
 
-def heun(denoise, z, t, t_prev, alphas_cumprod):
+def heun(denoise, z, t, t_prev, schedule):
     """Heun's second-order method (Karras et al. 2022 "EDM", Alg. 1) in the variables x = z/√ᾱ,
     σ = √((1−ᾱ)/ᾱ), where dx/dσ = ε. Two guided teacher evaluations per step; its first stage is DDIM."""
+    alphas_cumprod = schedule.alphas_cumprod
     a, a_prev = _at(alphas_cumprod, t, z), _at(alphas_cumprod, t_prev, z)
     sigma, sigma_prev = ((1 - a) / a).sqrt(), ((1 - a_prev) / a_prev).sqrt()
     x = z / a.sqrt()

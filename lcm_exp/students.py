@@ -1,16 +1,19 @@
-"""Student builders: the online consistency model f_θ, initialised from the teacher.
+"""Student kinds: the online consistency model f_θ, initialised from the teacher, and everything that differs
+between kinds: what trains, what the teacher pass calls, how the trained networks are saved, loaded, merged for
+inference and exported.
 
-Every builder shares one signature, `build(teacher, **student_cfg) -> Student`:
+Every builder shares one signature, `build(teacher, **student_cfg) -> Student` (`conf/student/<kind>.yaml`):
 - `full`: a copy of the teacher UNet with the guidance embedding (`time_cond_proj_dim`), optionally with
   stochastic depth; its target is an EMA copy.
 - `lora`: LCM-LoRA, peft adapters on the teacher UNet itself; the teacher pass runs the same UNet with the
   adapters disabled (no second UNet in memory); no w embedding, so ω acts only in the teacher's CFG.
+A new kind subclasses `Student` (in any module) and names its builder as `student._target_`.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,34 +28,62 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"
                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
-@dataclass
 class Student:
-    unet: UNet2DConditionModel  # trained
-    w_embedding_dim: int  # 0: no w embedding (LCM-LoRA), timestep_cond is None
-    sigma_data: float
-    timestep_scaling: float
-    kind: str = "full"  # full | lora
-    ema_target: bool = True  # False: the target f_θ⁻ is the online student under no_grad
-    teacher_unet: Callable | None = None  # what the LCD step calls as the teacher; None = teacher.unet
+    """A student kind: `unet` is trained (its `requires_grad` parameters), its target is an EMA copy or (no
+    `ema_target`) the online network itself; `teacher_unet` is what the LCD step calls as the teacher (None: the
+    teacher's own UNet)."""
 
-    def trainable_parameters(self):
+    kind = "full"
+    ema_target = True
+    teacher_unet: Callable | None = None
+
+    def __init__(self, unet, w_embedding_dim: int, sigma_data: float, timestep_scaling: float):
+        self.unet, self.w_embedding_dim = unet, int(w_embedding_dim)  # 0: no w input (timestep_cond is None)
+        self.sigma_data, self.timestep_scaling = float(sigma_data), float(timestep_scaling)
+
+    def trainable_parameters(self) -> list:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    def inference_unet(self, unet: torch.nn.Module) -> UNet2DConditionModel:
-        """A plain diffusers UNet for pipelines: the module itself (full), or a copy with the LoRA merged."""
-        if self.kind != "lora":
-            return unet
-        merged = copy.deepcopy(unet)
-        merged.fuse_lora()
-        merged.unload_lora()
-        return merged.requires_grad_(False)
+    def guidance_scale(self, w: float) -> float:
+        """A diffusers pipeline's guidance_scale that samples this student at LCM guidance w."""
+        return w + 1.0 if self.w_embedding_dim else 1.0
+
+    def inference_unet(self, net: torch.nn.Module) -> UNet2DConditionModel:
+        """A plain diffusers UNet of a trained network (`net`: the online student or the target)."""
+        return net
+
+    def teacher_again(self) -> None:
+        """After training: make `teacher.unet` the plain teacher again (the evaluation's baselines)."""
+
+    # --------------------------------------------------------------------------------------- saving, export
+    def save(self, folder: Path, online, target) -> None:
+        """The final networks in the run folder, loadable with `from_pretrained` (`load` reads them back)."""
+        online.save_pretrained(Path(folder) / "student_unet")
+        target.save_pretrained(Path(folder) / "target_unet")
+
+    def load(self, folder: Path, online, target) -> None:
+        for sub, net in (("student_unet", online), ("target_unet", target)):
+            if (Path(folder) / sub).is_dir():
+                net.load_state_dict(UNet2DConditionModel.from_pretrained(Path(folder) / sub).state_dict())
+
+    def saved(self, folder: Path) -> bool:
+        return (Path(folder) / "student_unet").is_dir()
+
+    def export(self, teacher, net, out: Path, scheduler) -> str:
+        """Writes what a diffusers user loads into `out`; returns how to load it."""
+        from .export import pipeline
+
+        plain = net if net.dtype == torch.float32 else copy.deepcopy(net).float()
+        pipeline(teacher, plain, scheduler).save_pretrained(out, safe_serialization=True)
+        return "pipe = DiffusionPipeline.from_pretrained(folder)"
 
 
 # ------------------------------------------------------------------------------------------------- full student
-def full(teacher, time_cond_proj_dim: int = 256, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
-         stochastic_depth: float = 0.0, **_) -> Student:
-    """A full UNet copied from the teacher with the guidance projection added (`time_cond_proj_dim`), as
-    the diffusers LCD script does: the new `cond_proj` layer starts at zero so the student starts as the teacher."""
+def full(teacher, time_cond_proj_dim: int, sigma_data: float, timestep_scaling: float,
+         stochastic_depth: float) -> Student:
+    """A full UNet copied from the teacher with the guidance projection added (`time_cond_proj_dim`), as the
+    diffusers LCD script does. The new `cond_proj` layer is zeroed here (the script leaves diffusers' random
+    initialisation), so the student starts exactly as the teacher."""
     config = {k: v for k, v in teacher.unet.config.items() if not k.startswith("_")}  # not _use_default_values
     config["time_cond_proj_dim"] = time_cond_proj_dim
     unet = UNet2DConditionModel.from_config(config)
@@ -64,8 +95,7 @@ def full(teacher, time_cond_proj_dim: int = 256, sigma_data: float = 0.5, timest
     if stochastic_depth > 0:
         n = add_stochastic_depth(unet, stochastic_depth)
         log.info("stochastic depth %.3g on %d residual / transformer blocks", stochastic_depth, n)
-    return Student(unet=unet, w_embedding_dim=time_cond_proj_dim, sigma_data=sigma_data,
-                   timestep_scaling=timestep_scaling, kind="full")
+    return Student(unet, time_cond_proj_dim, sigma_data, timestep_scaling)
 
 
 # ---------------------------------------------------------------------------------------------- stochastic depth
@@ -120,23 +150,70 @@ class AdaptersDisabled:
             self.unet.enable_adapters()
 
 
-def lora(teacher, lora_rank: int = 64, lora_alpha: int = 64, lora_dropout: float = 0.0,
-         lora_target_modules: list[str] | None = None, ema_target: bool = False, sigma_data: float = 0.5,
-         timestep_scaling: float = 10.0, stochastic_depth: float = 0.0, **_) -> Student:
-    """LCM-LoRA (Luo et al. 2023b): peft LoRA adapters on the teacher's UNet, the only trained parameters."""
+class LoraStudent(Student):
+    """LCM-LoRA (Luo et al. 2023b): peft adapters on the teacher's UNet are the only trained parameters."""
+
+    kind = "lora"
+    WEIGHTS = "pytorch_lora_weights.safetensors"
+
+    def __init__(self, unet, sigma_data: float, timestep_scaling: float, ema_target: bool):
+        super().__init__(unet, 0, sigma_data, timestep_scaling)
+        self.ema_target, self.teacher_unet = ema_target, AdaptersDisabled(unet)
+
+    def inference_unet(self, net):
+        """A copy with the LoRA merged into the base weights."""
+        merged = copy.deepcopy(net)
+        merged.fuse_lora()
+        merged.unload_lora()
+        return merged.requires_grad_(False)
+
+    def teacher_again(self) -> None:
+        self.unet.disable_adapters()
+
+    def save(self, folder: Path, online, target) -> None:
+        from diffusers import StableDiffusionPipeline  # the same LoRA file format for SD and SDXL
+
+        nets = {"student_lora": online, **({"target_lora": target} if self.ema_target else {})}
+        for sub, net in nets.items():
+            StableDiffusionPipeline.save_lora_weights(Path(folder) / sub, unet_lora_layers=lora_state_dict(net))
+
+    def load(self, folder: Path, online, target) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for sub, net in (("student_lora", online), ("target_lora", target)):
+            f = Path(folder) / sub / self.WEIGHTS
+            if f.exists():
+                set_peft_model_state_dict(net, {k.removeprefix("unet."): v for k, v in load_file(f).items()})
+
+    def saved(self, folder: Path) -> bool:
+        return (Path(folder) / "student_lora").is_dir()
+
+    def export(self, teacher, net, out: Path, scheduler) -> str:
+        """`pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder)` on the base model, and
+        `scheduler/` with the LCMScheduler config."""
+        from .export import lora_pipeline_class
+
+        cls = lora_pipeline_class(teacher)
+        cls.save_lora_weights(out, unet_lora_layers=lora_state_dict(net), safe_serialization=True)
+        scheduler.save_pretrained(Path(out) / "scheduler")
+        return (f"pipe = {cls.__name__}.from_pretrained(base_model); pipe.scheduler = "
+                "LCMScheduler.from_pretrained(folder, subfolder='scheduler'); pipe.load_lora_weights(folder)")
+
+
+def lora(teacher, lora_rank: int, lora_alpha: int, lora_dropout: float, lora_target_modules: list[str],
+         ema_target: bool, sigma_data: float, timestep_scaling: float) -> LoraStudent:
+    """LCM-LoRA: adapters on the teacher's UNet, trained in fp32 (also on a teacher cast to fp16/bf16)."""
     from peft import LoraConfig
 
-    if stochastic_depth:
-        log.warning("student.stochastic_depth is for the full student; ignored for student=lora")
     unet = teacher.unet
     unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=list(lora_target_modules or LORA_TARGET_MODULES)))
-    for p in unet.parameters():  # the adapters train in fp32 even on a teacher cast to fp16/bf16
+    for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     unet.train()
-    return Student(unet=unet, w_embedding_dim=0, sigma_data=sigma_data, timestep_scaling=timestep_scaling,
-                   kind="lora", ema_target=ema_target, teacher_unet=AdaptersDisabled(unet))
+    return LoraStudent(unet, sigma_data, timestep_scaling, ema_target)
 
 
 def lora_state_dict(unet) -> dict:
@@ -145,4 +222,4 @@ def lora_state_dict(unet) -> dict:
     adapters to the old `lora.down`/`lora.up` names, which diffusers 0.42 then fails to load for them.)"""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(getattr(unet, "module", unet))

@@ -189,10 +189,11 @@ def _retryable(e: Exception) -> bool:
 class MLflowTracker:
     """One MLflow run per job; only the main process of a multi-process job talks to MLflow."""
 
-    def __init__(self, uri: str | None = None, experiment: str = "lcm-distill", run_name: str | None = None,
-                 enabled: bool = True, start_dir: str | None = None, flush_timeout: float = 30.0,
-                 retry_interval: float = 2.0, validation_steps=(1, 2, 4), validation_prompts=(),
-                 system_metrics: bool = True, system_metrics_interval: float = 10.0):
+    def __init__(self, uri: str | None, experiment: str, run_name: str | None, enabled: bool, flush_timeout: float,
+                 retry_interval: float, validation_steps: list, validation_prompts: list, system_metrics: bool,
+                 system_metrics_interval: float, start_dir: str | None = None):
+        """`conf/tracking/mlflow.yaml` holds every value (its comments say what each does); `start_dir`: the folder
+        the command started from (the default store's place)."""
         self.start_dir = Path(start_dir or os.getcwd())
         self.uri = uri or default_uri(self.start_dir)
         self.experiment, self.run_name, self.enabled = experiment, run_name, enabled

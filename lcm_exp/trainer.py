@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from . import checkpoint as ckpt
 from . import executors
 from .attention import set_attention
+from .config import ATTENTION_MODES, invalid
 from .ema import EMA
 from .lcd import LCD
 from .preemption import Preempted, SignalGuard
@@ -35,34 +36,37 @@ for _name in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line p
 
 @dataclass
 class Trainer:
-    max_steps: int = 200
-    batch_size: int = 8
-    seed: int = 0
-    mixed_precision: str = "no"
-    gradient_accumulation_steps: int = 1
-    cpu: bool = False
-    log_every: int = 10
-    progress_bar: bool | str = "auto"
-    validation_every: int = 0
-    checkpoint_every: int = 0
-    checkpoint_every_minutes: float = 0.0
-    checkpoints_total_limit: int | None = 2
-    resume: str | None = None
-    output_dir: str = "."
-    # speed switches (each measured by lcm-exp-bench)
-    batched_cfg: bool = True
-    teacher_first: bool = True
-    channels_last: bool = False
-    attention: str = "auto"
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    overlap_frozen: bool | str = "auto"
+    """`conf/trainer/default.yaml` holds every value (its comments say what each does)."""
+
+    max_steps: int
+    batch_size: int
+    seed: int
+    mixed_precision: str
+    gradient_accumulation_steps: int
+    cpu: bool
+    log_every: int
+    progress_bar: bool | str
+    validation_every: int
+    checkpoint_every: int
+    checkpoint_every_minutes: float
+    checkpoints_total_limit: int | None
+    resume: str | None
+    output_dir: str
+    batched_cfg: bool
+    teacher_first: bool
+    channels_last: bool
+    attention: str
+    gradient_checkpointing: bool
+    compile: bool
+    overlap_frozen: bool | str
+    job_dir: str = "."  # (at run time) the job's folder, which a relative `output_dir` is in
 
     def __post_init__(self):
+        self._check()
         set_seed(self.seed)  # model initialisations (LoRA, from-scratch CT) and any unseeded draw
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu,
                                        gradient_accumulation_steps=self.gradient_accumulation_steps)
-        self.output_dir = Path(self.output_dir)
+        self.output_dir = Path(self.job_dir) / self.output_dir
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.global_step = 0
         self.at_boundary = True  # between two optimiser steps: the state a checkpoint may hold
@@ -70,6 +74,28 @@ class Trainer:
         self.window = Window()
         self.data_position = DataPosition()
         self.executor = None
+
+    def _check(self) -> None:
+        checks = [
+            (self.max_steps >= 0, "max_steps", self.max_steps, ">= 0"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", self.gradient_accumulation_steps,
+             ">= 1"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", self.mixed_precision,
+             "one of no, fp16, bf16"),
+            (self.log_every >= 1, "log_every", self.log_every, ">= 1"),
+            (self.progress_bar in (True, False, "auto"), "progress_bar", self.progress_bar, "auto, true or false"),
+            (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: none by step count)"),
+            (self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", self.checkpoint_every_minutes,
+             ">= 0 (0: none by time)"),
+            (self.resume in (None, "latest") or "/" in str(self.resume) or ckpt.PREFIX in str(self.resume),
+             "resume", self.resume, "null, latest, or the path of a checkpoint-<step> folder or a run folder"),
+            (self.attention in ATTENTION_MODES, "attention", self.attention, "one of " + ", ".join(ATTENTION_MODES)),
+            (self.overlap_frozen in (True, False, "auto"), "overlap_frozen", self.overlap_frozen, "auto, true or false"),
+        ]
+        for ok, key, value, expected in checks:
+            if not ok:
+                raise invalid(f"trainer.{key}", value, expected)
 
     @property
     def weight_dtype(self) -> torch.dtype:

@@ -25,18 +25,21 @@ PROMPTS = ("a large red circle in the center on a white background",
 
 
 class Validator:
-    def __init__(self, teacher, student_unet, target_unet, skip_k: int, timestep_scaling: float, resolution: int,
-                 out_dir: str | Path, tracker=None, steps=(1, 2, 4), prompts=(), seed: int = 0,
-                 w: float = 7.0, unwrap=lambda m: m, dtype: torch.dtype = torch.float32):
-        self.teacher, self.student_unet, self.target_unet, self.unwrap = teacher, student_unet, target_unet, unwrap
+    def __init__(self, teacher, student, target_unet, num_steps: int, resolution: int, out_dir: str | Path,
+                 tracker=None, steps=(1, 2, 4), prompts=(), seed: int = 0, w: float = 7.0, unwrap=lambda m: m,
+                 dtype: torch.dtype = torch.float32):
+        """`student`: the student kind (its online network and how it samples); `num_steps`: the training grid's
+        N = T // k (the LCMScheduler's original_inference_steps)."""
+        self.teacher, self.student, self.unwrap = teacher, student, unwrap
+        self.student_unet, self.target_unet = student.unet, target_unet
         self.dtype = dtype  # the training's mixed-precision dtype: the UNet and text encoder run under its autocast
         self.resolution, self.out_dir, self.tracker = int(resolution), Path(out_dir), tracker
         self.steps, self.prompts = [int(s) for s in steps] or [1, 2, 4], list(prompts) or list(PROMPTS)
         self.seed, self.w = int(seed), float(w)
-        self.original_inference_steps = teacher.num_train_timesteps // int(skip_k)  # the DDIM grid N = T // k
+        self.original_inference_steps = int(num_steps)
         self.scheduler = LCMScheduler.from_config(
             teacher.scheduler.config, original_inference_steps=self.original_inference_steps,
-            timestep_scaling=float(timestep_scaling), prediction_type=teacher.prediction_type, clip_sample=False)
+            timestep_scaling=student.timestep_scaling, prediction_type=teacher.prediction_type, clip_sample=False)
         self.last_step: int | None = None
 
     @torch.no_grad()
@@ -46,7 +49,6 @@ class Validator:
         unet.eval()
         try:
             pipe = student_pipeline(self.teacher, unet, self.scheduler)
-            takes_w = unet.config.time_cond_proj_dim is not None  # an LCM-LoRA samples without CFG
             rows = []
             for n in self.steps:
                 gen = torch.Generator("cpu").manual_seed(self.seed)
@@ -56,7 +58,7 @@ class Validator:
                 # torch's global RNG, so a resumed run draws what the uninterrupted one did)
                 with mixed_precision(unet.device, self.dtype):
                     out = pipe(self.prompts, height=self.resolution, width=self.resolution, num_inference_steps=n,
-                               guidance_scale=self.w + 1.0 if takes_w else 1.0, generator=gen,
+                               guidance_scale=self.student.guidance_scale(self.w), generator=gen,
                                latents=latents.to(unet.device, self.teacher.text_encoder.dtype), output_type="latent")
                 pixels = (self.teacher.decode_latents(out.images.float()).float().cpu() + 1) / 2  # fp32 VAE
                 rows.append((n, to_pil(pixels)))

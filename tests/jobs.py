@@ -22,9 +22,10 @@ def command(args) -> list[str]:
     return [sys.executable, "-c", MAIN, *args]
 
 
-def lcm_exp(args, cwd, expect: int | None = 0, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs `lcm-exp ARGS` in `cwd` to its end; checks its exit code (None: any)."""
-    r = subprocess.run(command(args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def lcm_exp(args, cwd, expect: int | None = 0, timeout: int = 600, env: dict | None = None):
+    """Runs `lcm-exp ARGS` in `cwd` to its end (`env`: more environment); checks its exit code (None: any)."""
+    r = subprocess.run(command(args), cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
+                       timeout=timeout)
     if expect is not None:
         assert r.returncode == expect, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
     return r

@@ -11,11 +11,9 @@ from hydra import compose, initialize_config_dir
 from lcm_exp.bench import (ABLATIONS, Ours, Reference, Setup, ablation, ablations, count_flops, inert, run_bench,
                            time_interleaved, variant)
 from lcm_exp.cli import config_dir
-from lcm_exp.config import register
 
 
 def compose_bench(*overrides):
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("bench", overrides=["data.resolution=32", "trainer.batch_size=2", "trainer.cpu=true",
                                            *overrides])
@@ -59,7 +57,6 @@ def test_reference_runs_diffusers_sdpa_and_ours_the_small_head_kernel(tmp_path, 
 
 
 def test_bench_defaults_to_the_tiny_test_teacher():
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("bench")
     assert cfg.teacher._target_ == "lcm_exp.teachers.tiny_random.load" and cfg.teacher.name == "tiny_random"

@@ -25,18 +25,16 @@ class NoTracker:
 def fit(tmp_path, *overrides):
     """A real run's trainer.fit on the tiny random teacher, in this process (no Hydra job, no MLflow)."""
     from lcm_exp.cli import config_dir
-    from lcm_exp.config import register
     from lcm_exp.runner import build
 
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=["teacher=tiny_random", "data.resolution=32", "data.num_samples=64",
                                            "trainer.batch_size=2", "trainer.log_every=1", "trainer.cpu=true",
                                            "trainer.progress_bar=false", f"teacher.cache_dir={tmp_path}",
                                            f"data.cache_dir={tmp_path}", *overrides])
-    trainer = instantiate(cfg.trainer)(output_dir=str(tmp_path / "run"))
+    trainer = instantiate(cfg.trainer)(job_dir=str(tmp_path / "run"))
     parts = build(cfg, trainer)
-    trainer.prepare(parts.lcd, parts.student, parts.ema, parts.optimizer, parts.scheduler)
+    trainer.prepare(parts.lcd, parts.student, parts.ema, parts.optim.optimizer, parts.scheduler)
     data = instantiate(cfg.data)(batch_size=2, teacher=parts.teacher)
     trainer.fit(parts.teacher, data, NoTracker(), max_grad_norm=1.0, state={"config_key": ckpt.config_key(cfg)})
     return trainer

@@ -20,7 +20,7 @@ def test_ct_from_scratch_learns(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("lcm-distill").experiment_id])
-    assert run.data.params["method.name"] == "ct"
+    assert run.data.params["method"] == "ct" and run.data.params["method.from_scratch"] == "True"
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(loss) == 40
     first, last = statistics.mean(loss[:10]), statistics.mean(loss[-10:])

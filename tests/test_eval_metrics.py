@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from lcm_exp import metrics as M
-from lcm_exp.evaluation import MODELS, Evaluator, markdown_table, objective_direction, write_report
+from lcm_exp.evaluation import MODELS, markdown_table, objective_direction, write_report
+from parts import part
 
 
 @pytest.fixture(scope="module", autouse=True)
+def evaluator(**kw):
+    """The evaluator of conf/eval/default.yaml with some of its keys changed."""
+    return part("eval", **kw)(device="cpu")
+
+
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads only add overhead (and thrash on a shared CPU)
@@ -21,17 +27,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from lcm_exp.students import full
-    from lcm_exp.teachers.tiny_random import load
-
-    teacher = load("tiny_random", cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return teacher, full(teacher).unet
+    teacher = part("teacher", "tiny_random", cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return teacher, part("student", "full")(teacher=teacher).unet
 
 
 @pytest.fixture(scope="module")
 def result(models):
     teacher, student = models
-    ev = Evaluator(steps=[1, 2, 6], num_prompts=3, reference_steps=6, batch_size=2, fid=False)
+    ev = evaluator(steps=[1, 2, 6], num_prompts=3, reference_steps=6, batch_size=2, fid=False)
     prompts = ["a red circle", "a small blue square", "a green triangle on the left"]
     return ev, ev.evaluate(teacher, student, prompts, w=3.0, height=32, width=32, original_inference_steps=50,
                            timestep_scaling=10.0)
@@ -107,7 +110,7 @@ def test_report_files(result, tmp_path):
 
 def test_missing_fid_weights_reported_once_others_kept(models, caplog):
     teacher, student = models
-    ev = Evaluator(steps=[1, 2], num_prompts=2, reference_steps=4, fid=True, fid_weights="/nonexistent/incep.pt")
+    ev = evaluator(steps=[1, 2], num_prompts=2, reference_steps=4, fid=True, fid_weights="/nonexistent/incep.pt")
     with caplog.at_level("WARNING"):
         res = ev.evaluate(teacher, student, ["a red circle", "a blue square"], w=3.0, height=32, width=32,
                           original_inference_steps=50, timestep_scaling=10.0,
@@ -144,7 +147,7 @@ def test_clip_score_from_a_local_folder(models, tmp_path):
                                         num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
     CLIPModel(cfg).save_pretrained(tmp_path / "clip")
     teacher.tokenizer.save_pretrained(tmp_path / "clip")
-    ev = Evaluator(steps=[1], num_prompts=2, reference_steps=2, fid=False, clip_model=str(tmp_path / "clip"))
+    ev = evaluator(steps=[1], num_prompts=2, reference_steps=2, fid=False, clip_model=str(tmp_path / "clip"))
     res = ev.evaluate(teacher, student, ["a red circle", "a blue square"], w=3.0, height=32, width=32,
                       original_inference_steps=50, timestep_scaling=10.0)
     assert not res.unavailable

@@ -12,14 +12,11 @@ from hydra.utils import instantiate
 from lcm_exp import executors
 from lcm_exp.bench import Setup
 from lcm_exp.cli import config_dir
-from lcm_exp.config import register
 from lcm_exp.executors import Overlapped
 from lcm_exp.lcd import LCD
-from lcm_exp.optim import lr_schedule
 
 
 def compose_bench(tmp_path, *overrides):
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("bench", overrides=["data.resolution=32", "trainer.batch_size=2", "trainer.cpu=true",
                                            f"data.cache_dir={tmp_path}", *overrides])
@@ -39,13 +36,12 @@ class Parts:
         self.s = s = Setup(cfg)
         self.trainer = s.trainer
         self.ema = instantiate(cfg.ema)(online=s.student.unet)
-        self.optimizer = instantiate(cfg.optim)(params=s.student.trainable_parameters())
-        self.scheduler = lr_schedule(self.optimizer, "constant", 0, 10 ** 9)
-        self.lcd = LCD(student=s.student.unet, target=self.ema.target, teacher=s.teacher.unet,
-                       alphas_cumprod=s.alphas_cumprod, prediction_type=s.prediction_type,
-                       solver=instantiate(cfg.solver), skip=s.skip, guidance=instantiate(cfg.guidance),
-                       distance=s.distance, w_embedding_dim=s.student.w_embedding_dim,
-                       batched_cfg=cfg.trainer.batched_cfg, teacher_first=cfg.trainer.teacher_first)
+        optim = instantiate(cfg.optim)(params=s.student.trainable_parameters())
+        self.optimizer, self.scheduler = optim.optimizer, optim.schedule(10 ** 9)
+        self.lcd = LCD(student=s.student.unet, target=self.ema.target, teacher=s.teacher.unet, schedule=s.schedule,
+                       solver=instantiate(cfg.solver), skip=s.skip, guidance=s.guidance, distance=s.distance,
+                       w_embedding_dim=s.student.w_embedding_dim, batched_cfg=cfg.trainer.batched_cfg,
+                       teacher_first=cfg.trainer.teacher_first)
         self.data = instantiate(cfg.data)(batch_size=cfg.trainer.batch_size)
 
     def prepare(self):

@@ -20,9 +20,7 @@ EVAL = ["eval.enabled=true", "eval.num_prompts=2", "eval.steps=[1,2]", "eval.ref
 
 def compose_run(tmp_path, *overrides):
     from lcm_exp.cli import config_dir
-    from lcm_exp.config import register
 
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("config", overrides=["teacher=tiny_random", "data.resolution=32", "trainer.cpu=true",
                                             f"teacher.cache_dir={tmp_path}", *overrides])
@@ -38,7 +36,7 @@ def test_student_starts_from_the_fp32_teacher_and_trains_in_fp32(tmp_path, stude
 
     AcceleratorState._reset_state(True)  # (a process holds one accelerate state: earlier tests' was fp32)
     cfg = compose_run(tmp_path, f"student={student}", "trainer.mixed_precision=bf16", "student.ema_target=true")
-    trainer = instantiate(cfg.trainer)(output_dir=str(tmp_path))
+    trainer = instantiate(cfg.trainer)(job_dir=str(tmp_path))
     parts = build(cfg, trainer)
     on_disk = UNet2DConditionModel.from_pretrained(parts.teacher.path, subfolder="unet").state_dict()
     assert parts.teacher.unet.dtype == torch.bfloat16 and parts.teacher.text_encoder.dtype == torch.bfloat16

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lcm_exp.teachers.tiny_layouts import build
+from parts import part
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def teacher(tmp_path_factory):
     from lcm_exp.teachers import load_teacher
 
     path = build("sd15", tmp_path_factory.mktemp("layout") / "sd15")
-    return lambda: load_teacher("sd15", str(path))
+    return lambda: load_teacher("sd15", str(path), None, None, None, True)
 
 
 def inputs(seed=0):
@@ -28,11 +29,10 @@ def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher,
     from diffusers import DiffusionPipeline
 
     from lcm_exp.export import export
-    from lcm_exp.students import lora
 
     t = teacher()
     base = copy.deepcopy(t.unet).eval()
-    s = lora(t, lora_rank=4, lora_alpha=4)
+    s = part("student", "lora", lora_rank=4, lora_alpha=4)(teacher=t)
     assert s.w_embedding_dim == 0 and not s.ema_target and s.unet.config.time_cond_proj_dim is None
     assert all("lora" in n for n, p in s.unet.named_parameters() if p.requires_grad)
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher,
         assert (student - want).abs().max() > 1e-2  # adapters on again after the teacher pass
         merged = s.inference_unet(s.unet)(z, tt, encoder_hidden_states=c).sample
         assert torch.allclose(merged, student, atol=1e-5)
-    out = export(t, s, s.unet, tmp_path / "export", k=20)
+    out = export(t, s, s.unet, tmp_path / "export", num_steps=50)
     pipe = DiffusionPipeline.from_pretrained(t.path)
     pipe.load_lora_weights(out)
     with torch.no_grad():
@@ -56,10 +56,10 @@ def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher,
 
 
 def test_stochastic_depth_drops_whole_blocks_in_training_only(teacher):
-    from lcm_exp.students import DroppableBasicTransformerBlock, DroppableResnetBlock2D, full
+    from lcm_exp.students import DroppableBasicTransformerBlock, DroppableResnetBlock2D
 
-    plain = full(teacher()).unet.eval()
-    s = full(teacher(), stochastic_depth=0.5)
+    plain = part("student", "full")(teacher=teacher()).unet.eval()
+    s = part("student", "full", stochastic_depth=0.5)(teacher=teacher())
     blocks = [m for m in s.unet.modules() if isinstance(m, (DroppableResnetBlock2D, DroppableBasicTransformerBlock))]
     assert len(blocks) >= 4 and any(isinstance(b, DroppableBasicTransformerBlock) for b in blocks)
     assert s.unet.state_dict().keys() == plain.state_dict().keys()  # save/load layout unchanged
@@ -85,6 +85,8 @@ def test_consistency_training_target_is_the_closed_form():
     from lcm_exp.guidance import UniformGuidance
     from lcm_exp.lcd import LCD
     from lcm_exp.losses import l2
+    from lcm_exp.methods import ConsistencyTraining
+    from lcm_exp.schedules import VPSchedule
     from lcm_exp.skip import SkipSchedule
 
     class Net(torch.nn.Module):
@@ -103,9 +105,9 @@ def test_consistency_training_target_is_the_closed_form():
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     ac = torch.cumprod(1 - betas, 0)
     student, target = Net(), Net()
-    skip = SkipSchedule(1000, 20)
-    lcd = LCD(student=student, target=target, teacher=no_teacher, alphas_cumprod=ac, prediction_type="epsilon",
-              solver=None, skip=skip, guidance=UniformGuidance(3, 3), distance=l2, method="ct")
+    skip = SkipSchedule(20, 1000)
+    lcd = LCD(student=student, target=target, teacher=no_teacher, schedule=VPSchedule(ac, "epsilon"), solver=None,
+              skip=skip, guidance=UniformGuidance(3, 3), distance=l2, method=ConsistencyTraining(from_scratch=False))
     x0 = torch.randn(3, 4, 8, 8)
     g = torch.Generator().manual_seed(7)
     loss = lcd.loss(x0, {}, {}, g)

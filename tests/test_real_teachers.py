@@ -99,11 +99,9 @@ def run_in_process(overrides: list[str], cwd: Path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from lcm_exp.cli import config_dir
-    from lcm_exp.config import register
     from lcm_exp.runner import run
 
     monkeypatch.chdir(cwd)
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     return cfg, run(cfg)

@@ -87,9 +87,7 @@ def compose(overrides):
     from omegaconf import OmegaConf
 
     from lcm_exp.cli import config_dir
-    from lcm_exp.config import register
 
-    register()
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)

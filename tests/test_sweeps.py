@@ -22,9 +22,7 @@ def compose_sweep(name: str):
     from hydra import compose, initialize_config_dir
 
     from lcm_exp.cli import config_dir, register_sweeps
-    from lcm_exp.config import register
 
-    register()
     register_sweeps()
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)

@@ -10,7 +10,8 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from lcm_exp import tracking  # noqa: E402
-from lcm_exp.tracking import CUT_MARKER, MAX_PARAM_LEN, MLflowTracker, TrackingUnavailable, flatten  # noqa: E402
+from lcm_exp.tracking import CUT_MARKER, MAX_PARAM_LEN, TrackingUnavailable, flatten  # noqa: E402
+from parts import part  # noqa: E402
 
 
 def free_port() -> int:
@@ -49,7 +50,7 @@ def _client(uri):
 
 def test_sqlite_run_params_tags_metrics_and_failure(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-do-not-log")
-    t = MLflowTracker(experiment="unit", start_dir=str(tmp_path))
+    t = part("tracking", "mlflow", experiment="unit", start_dir=str(tmp_path))
     assert t.uri == "sqlite:///" + str((tmp_path / "mlflow.db").resolve())
     run_id = t.start({"optim": {"lr": 1e-4}, "note": "n" * 7000}, tags={"host": "h"})
     for step in range(1, 6):
@@ -74,7 +75,7 @@ def test_sqlite_run_params_tags_metrics_and_failure(tmp_path, monkeypatch):
 
 
 def test_log_metrics_never_waits_on_mlflow(tmp_path, monkeypatch):
-    t = MLflowTracker(experiment="unit", start_dir=str(tmp_path), flush_timeout=20)
+    t = part("tracking", "mlflow", experiment="unit", start_dir=str(tmp_path), flush_timeout=20)
     run_id = t.start({"a": 1})
     real_send = t._send
 
@@ -95,7 +96,7 @@ def test_log_metrics_never_waits_on_mlflow(tmp_path, monkeypatch):
 def test_unreachable_server_fails_fast_with_what_to_do(tmp_path, monkeypatch):
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
-    t = MLflowTracker(uri=f"http://127.0.0.1:{free_port()}", start_dir=str(tmp_path))
+    t = part("tracking", "mlflow", uri=f"http://127.0.0.1:{free_port()}", start_dir=str(tmp_path))
     t0 = time.perf_counter()
     with pytest.raises(TrackingUnavailable) as err:
         t.start({"a": 1})
@@ -105,7 +106,7 @@ def test_unreachable_server_fails_fast_with_what_to_do(tmp_path, monkeypatch):
 
 
 def test_disabled_tracker_does_nothing(tmp_path):
-    t = MLflowTracker(enabled=False, start_dir=str(tmp_path))
+    t = part("tracking", "mlflow", enabled=False, start_dir=str(tmp_path))
     assert t.start({"a": 1}) is None
     t.log_metrics({"train/loss": 1.0}, 1)
     t.end()

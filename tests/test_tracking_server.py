@@ -130,9 +130,9 @@ def test_server_away_at_the_end_writes_a_local_store(mlflow_server, tmp_path, ca
     """Last: leaves the server stopped."""
     from mlflow.tracking import MlflowClient
 
-    from lcm_exp.tracking import MLflowTracker
+    from parts import part
 
-    t = MLflowTracker(uri=mlflow_server.uri, experiment="fallback", start_dir=str(tmp_path), flush_timeout=2,
+    t = part("tracking", "mlflow", uri=mlflow_server.uri, experiment="fallback", start_dir=str(tmp_path), flush_timeout=2,
                       retry_interval=0.2)
     remote_id = t.start({"optim": {"lr": 0.001}}, tags={"host": "h"})
     t.log_metrics({"train/loss": 1.0}, 1)

@@ -93,8 +93,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls, decode: Callable, collate: Callable, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = True, epochs: int | None = None,
-                 num_workers: int = 0, state: dict | None = None, partial: bool = False):
+                 num_workers: int = 0, state: dict | None = None, partial: bool = False, resolution: int | None = None):
         super().__init__()
+        self.resolution = resolution  # the training images' side in pixels (validation and evaluation sample at it)
         self.urls, self.decode, self.collate = urls, decode, collate
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
         self.shuffle_buffer, self.resampled, self.epochs = int(shuffle_buffer), bool(resampled), epochs

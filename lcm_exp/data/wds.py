@@ -104,18 +104,26 @@ def collate(items) -> dict:
             "micro_conditioning": [s[2] for s in items]}
 
 
+def check_resolution(resolution: int) -> None:
+    if resolution < 8 or resolution % 8:
+        from ..config import invalid
+
+        raise invalid("data.resolution", resolution, "a multiple of 8")
+
+
 def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = True,
            center_crop: bool = True, random_flip: bool = False, min_size: int = 0, min_aesthetic: float | None = None,
            max_pwatermark: float | None = None, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-           state: dict | None = None, endless: bool | None = None, **_):
+           state: dict | None = None, endless: bool | None = None):
     """Batches from image shards, resumable from `state` (`ShardStream.state`): an endless stream (resampled, or
     with `endless=True` epochs over the shards), or one pass in shard order (`resampled=False`, `endless` unset)."""
+    check_resolution(resolution)
     if not urls:
         raise DataError("data.urls must be set: give the shards, e.g. "
                         "data.urls='/data/laion/{00000..00099}.tar' (brace ranges, pipe: and s3:// URLs work too)")
     decode = ImageSamples(Transform(resolution, center_crop, random_flip), min_size=min_size,
                           min_aesthetic=min_aesthetic, max_pwatermark=max_pwatermark)
     return batches(ShardStream(urls, decode, collate, batch_size, seed=seed, rank=rank, world_size=world_size,
-                               shuffle_buffer=shuffle_buffer, resampled=resampled,
+                               shuffle_buffer=shuffle_buffer, resampled=resampled, resolution=resolution,
                                epochs=None if endless or resampled else 1, num_workers=usable_workers(num_workers),
                                state=state, partial=not (endless or resampled)))

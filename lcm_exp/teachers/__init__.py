@@ -38,6 +38,13 @@ class Teacher:
     per_sample_uncond = False
 
     @property
+    def schedule(self):
+        """The noise schedule the LCD step, methods and solvers use (`lcm_exp.schedules`)."""
+        from ..schedules import VPSchedule
+
+        return VPSchedule(self.scheduler.alphas_cumprod, self.prediction_type)
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
@@ -134,9 +141,11 @@ def load_components(name: str, pretrained: str | None, revision: str | None = No
     return out
 
 
-def load_teacher(name: str, pretrained: str | None, revision: str | None = None, variant: str | None = None,
-                 vae: str | None = None, cast_to_mixed_precision: bool = True, **_: object) -> Teacher:
-    """Loads an SD-1.x/2.x-shaped teacher from a local folder or hub id (any option of `conf/teacher/`)."""
+def load_teacher(name: str, pretrained: str | None, revision: str | None, variant: str | None, vae: str | None,
+                 cast_to_mixed_precision: bool) -> Teacher:
+    """Loads an SD-1.x/2.x-shaped teacher from a local folder or hub id (`conf/teacher/sd15.yaml`, `sd21.yaml`;
+    the tiny teachers end here too). `cast_to_mixed_precision`: the frozen UNet and text encoder run in the
+    training's bf16/fp16; `vae`: another VAE's folder or hub id."""
     c = load_components(name, pretrained, revision, variant, vae)
     return Teacher(name=name, path=str(pretrained), cast_to_mixed_precision=cast_to_mixed_precision,
                    revision=revision, variant=variant, **c)

@@ -60,9 +60,8 @@ class SDXLTeacher(Teacher):
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
-def load(name: str, pretrained: str | None, revision: str | None = None, variant: str | None = None,
-         vae: str | None = None, cast_to_mixed_precision: bool = True, resolution: int | None = None,
-         force_zeros_for_empty_prompt: bool | None = None, **_: object) -> SDXLTeacher:
+def load(name: str, pretrained: str | None, revision: str | None, variant: str | None, vae: str | None,
+         cast_to_mixed_precision: bool, resolution: int | None, force_zeros_for_empty_prompt: bool | None) -> SDXLTeacher:
     """Loads an SDXL-shaped teacher (unet, vae, text_encoder(_2), tokenizer(_2), scheduler)."""
     c = load_components(name, pretrained, revision, variant, vae,
                         {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection})

@@ -94,12 +94,12 @@ def build_into(path: Path, spec: dict, cache_dir: str, build_extra: dict, log_me
     return info
 
 
-def load(name: str, pretrained: str | None = None, cache_dir: str = "~/.cache/lcm_exp", arch=None, build=None,
-         **kw) -> Teacher:
+def load(name: str, pretrained: str | None, cache_dir: str, arch: dict, build: dict,
+         cast_to_mixed_precision: bool) -> Teacher:
     """`conf/teacher/tiny.yaml`'s target: the folder as above, loaded by `load_teacher`, in fp32."""
     if not pretrained:
         pretrained = str(ensure(cache_dir, arch, build))
-    teacher = load_teacher(name, pretrained, **kw)
+    teacher = load_teacher(name, pretrained, None, None, None, cast_to_mixed_precision)
     for m in teacher.frozen_modules():  # weights are shipped in fp16; the teacher computes in fp32
         m.float()
     return teacher
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> Path:
     """`lcm-exp-build-teacher [--out DIR] [--force] [--num-prompts N] [--no-measure] [--samples-dir DIR] [overrides]`."""
     from hydra import compose, initialize_config_dir
 
-    from ..cli import config_dir
-    from ..config import register
-    from ..tracking import MLflowTracker
+    from hydra.utils import instantiate
+
+    from ..paths import config_dir
     from .sampling import grid
 
     p = argparse.ArgumentParser(prog="lcm-exp-build-teacher", description=main.__doc__)
@@ -160,7 +160,6 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--samples-dir", help="also write the sample grids, prompts and metrics here (besides MLflow)")
     args, overrides = p.parse_known_args(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     t = cfg.teacher
@@ -168,8 +167,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"lcm-exp-build-teacher builds teacher=tiny (got teacher={t.name})")
     spec = recipe(t.arch, t.build)
     path = Path(args.out).resolve() if args.out else cached_folder(t.cache_dir, "tiny", spec)
-    tracker = MLflowTracker(uri=cfg.tracking.uri, experiment="lcm-teacher", run_name=f"tiny-{path.name}",
-                            enabled=cfg.tracking.enabled, start_dir=os.getcwd())
+    tracker = instantiate(cfg.tracking, experiment="lcm-teacher", run_name=f"tiny-{path.name}", start_dir=os.getcwd())
     tracker.start({"recipe": spec, "path": str(path)}, tags={"lcm_exp.teacher": "tiny"})
     status, tmp = "FAILED", tempfile.TemporaryDirectory()
     try:

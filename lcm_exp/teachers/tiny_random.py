@@ -91,18 +91,19 @@ def cached_folder(cache_dir: str, prefix: str, spec: dict) -> Path:
     return Path(cache_dir).expanduser() / "teachers" / f"{prefix}-{key}"
 
 
-def load(name: str, pretrained: str | None = None, cache_dir: str = "~/.cache/lcm_exp", arch: dict | None = None,
-         in_memory: bool = False, **kw) -> Teacher:
-    if in_memory:  # random weights at a large size (benchmarks): nothing worth writing to disk
+def load(name: str, pretrained: str | None, cache_dir: str, arch: dict, in_memory: bool,
+         cast_to_mixed_precision: bool) -> Teacher:
+    """`conf/teacher/tiny_random.yaml`'s and `sd15_random.yaml`'s target: built from `arch` (keys of DEFAULT_ARCH)
+    into `cache_dir` once, or (`in_memory`: benchmarks at a large size) in memory, writing nothing."""
+    if in_memory:
         c = build_components(arch or {})
         for m in (c["unet"], c["vae"], c["text_encoder"]):
             m.requires_grad_(False).eval()
-        return Teacher(name=name, path=f"<in memory: {name}>", **c,
-                       cast_to_mixed_precision=kw.get("cast_to_mixed_precision", True))
+        return Teacher(name=name, path=f"<in memory: {name}>", **c, cast_to_mixed_precision=cast_to_mixed_precision)
     if not pretrained:
         a = {**DEFAULT_ARCH, **(arch or {})}
         path = cached_folder(cache_dir, "tiny_random", a)
         if not (path / "model_index.json").exists():
             build_folder(path, a)
         pretrained = str(path)
-    return load_teacher(name, pretrained, **kw)
+    return load_teacher(name, pretrained, None, None, None, cast_to_mixed_precision)

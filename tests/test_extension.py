@@ -1,0 +1,70 @@
+"""Extending lcm_exp without editing it (issue 19): a user's module (tests/extension/my_parts.py) and YAML options
+(tests/extension/conf/) add a solver, a loss, a method, a guidance sampler, a student kind and an SD-shaped
+teacher through `_target_` alone; each trains 3 real steps, and each visibly changes what is trained."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import TINY, final_weights, lcm_exp, loss_history
+
+pytestmark = pytest.mark.slow
+EXT = Path(__file__).parent / "extension"
+RUN = [*TINY, "trainer.max_steps=3", f"hydra.searchpath=[file://{EXT / 'conf'}]"]
+# (the override, the group option a run records, files a user writes: module(s) + YAML)
+CASES = [
+    (["solver=midpoint"], ("solver", "midpoint")),
+    (["loss=l1"], ("loss", "l1")),
+    (["method=interpolated"], ("method", "interpolated")),
+    (["guidance=constant"], ("guidance", "constant")),
+    (["student=head_only"], ("student", "head_only")),
+]
+
+
+def run(tmp_path, *overrides):
+    lcm_exp([*RUN, *overrides], tmp_path, env={"PYTHONPATH": str(EXT)})
+    history, run = loss_history(tmp_path)
+    assert run.info.status == "FINISHED" and sorted(history) == [1, 2, 3]
+    assert all(math.isfinite(v) for values in history.values() for v in values)
+    return {s: next(iter(v)) for s, v in history.items()}, run
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory):
+    losses, _ = run(tmp_path_factory.mktemp("default"))
+    return losses
+
+
+@pytest.mark.parametrize("overrides,choice", CASES, ids=[c[0][0] for c in CASES])
+def test_a_users_part_trains(tmp_path, default, overrides, choice):
+    losses, mlflow_run = run(tmp_path, *overrides)
+    group, option = choice
+    assert mlflow_run.data.params[group] == option
+    assert mlflow_run.data.params[f"{group}._target_"].startswith("my_parts.")
+    assert losses[1] != default[1]  # the part took part in the very first step
+
+
+def test_a_users_student_kind_trains_what_it_says(tmp_path, default):
+    run(tmp_path, "student=head_only")
+    weights = final_weights(tmp_path)
+    from diffusers import UNet2DConditionModel
+    from omegaconf import OmegaConf
+
+    from lcm_exp.teachers.tiny_random import DEFAULT_ARCH, cached_folder
+
+    (cfg,) = [OmegaConf.load(p) for p in tmp_path.glob("outputs/*/*/.hydra/config.yaml")]
+    folder = cached_folder(cfg.teacher.cache_dir, "tiny_random", {**DEFAULT_ARCH, **cfg.teacher.arch})
+    start = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()  # the run's teacher
+    trained = {k for k in start if not torch.equal(start[k], weights[f"student_unet/{k}"])}
+    assert trained and all(k.startswith(("conv_out", "conv_norm_out")) for k in trained)
+
+
+def test_an_sd_shaped_teacher_is_one_yaml(tmp_path):
+    from lcm_exp.teachers.tiny_layouts import build
+
+    folder = build("sd15", tmp_path / "sd15")
+    losses, mlflow_run = run(tmp_path, "teacher=my_sd", f"teacher.pretrained={folder}")
+    assert mlflow_run.data.params["teacher"] == "my_sd"
