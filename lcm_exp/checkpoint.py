@@ -3,7 +3,7 @@
 A checkpoint is accelerate's `save_state` folder (model, optimiser, lr schedule, grad scaler, the EMA, every
 rank's RNG states) plus each rank's data position and logging window (`rank_state_<rank>.json`) and `trainer_state.json`, written
 last, which holds the step, the configuration's key and resolved config, the logging window and a manifest of
-every file with its size. Everything is written into a hidden temporary folder that is renamed into place
+every file with its size and checksum. Everything is written into a hidden temporary folder that is renamed into place
 (`checkpoint-<step>`) only when complete, so a crash or a full disk never leaves a half-written checkpoint under
 that name, and the previous one is never touched before the new one is complete. A checkpoint whose files no
 longer match its manifest (truncated, deleted) is named in a warning and skipped for the one before it.
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -96,8 +97,26 @@ def problem(path: Path) -> str | None:
     return None
 
 
+def checksum(path: Path) -> str:
+    """CRC-32 of a file's bytes (several GB/s: it catches damaged contents, it is not a security hash)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a checkpoint whose manifest holds cannot be used: a file whose contents changed since it was written
+    (its checksum differs; the size may not), or None. Read in full, before anything is loaded into the models."""
+    for name, crc in read_state(path).get("checksums", {}).items():
+        if checksum(Path(path) / name) != crc:
+            return f"{name} is damaged (its checksum differs from the one written with it)"
+    return None
+
+
 def usable(candidates: list[Path]) -> list[Path]:
-    """The candidates, newest first, less those that are not whole (each named in a warning)."""
+    """The candidates (highest step first) less those that are not whole (each named in a warning)."""
     out = []
     for path in sorted(candidates, key=step_of, reverse=True):
         why = problem(path)
@@ -149,13 +168,20 @@ def find(resume: str | None, cfg: DictConfig, start_dir: Path, out_dir: Path) ->
                     found.add(state_file.parent)
             except (OSError, ValueError):
                 found.add(state_file.parent)  # (usable() names it)
-    # the newest first: by step, then by modification time (two runs of the same configuration)
-    ranked = sorted(found, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
-    good = usable(ranked)
+    # the newest first: by the time it was written (a finished run's higher step loses to today's interrupted
+    # one), then by step
+    good = sorted(usable(list(found)), key=lambda p: (written(p), step_of(p)), reverse=True)
     if not good and resume == "latest":
         log.warning("trainer.resume=latest: no checkpoint of this configuration under %s; starting from step 0",
                     start_dir)
-    return sorted(good, key=lambda p: (step_of(p), p.stat().st_mtime), reverse=True)
+    return good
+
+
+def written(path: Path) -> float:
+    try:
+        return float(read_state(path).get("time", 0.0)) or path.stat().st_mtime
+    except (OSError, ValueError):
+        return path.stat().st_mtime
 
 
 def rank_state(path: Path, rank: int) -> dict | None:
@@ -173,25 +199,52 @@ def finish(tmp: Path, final: Path, state: dict) -> None:
     """Writes `trainer_state.json` with the manifest of `tmp`'s files, then moves `tmp` to `final` (replacing an
     older folder of that name only once the new one is complete)."""
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    body = json.dumps({**state, "files": files}, indent=2, default=str)
+    for name in files:  # on disk before the name says the checkpoint is whole
+        fd = os.open(tmp / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    checksums = {name: checksum(tmp / name) for name in files}
+    body = json.dumps({**state, "files": files, "checksums": checksums}, indent=2, default=str)
     with open(tmp / STATE_FILE, "w") as f:
         f.write(body)
         f.flush()
         os.fsync(f.fileno())
-    if final.exists():
-        old = final.with_name(final.name + ".old")
+    if final.exists():  # (the same step saved again): the old one leaves only once the new one is in place
+        old = final.with_name(TMP_PREFIX + final.name[len(PREFIX):] + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def clear_temporary(folder: Path) -> None:
-    """Removes what a save interrupted by a crash left behind."""
-    for p in Path(folder).glob(TMP_PREFIX + "*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Removes what a save interrupted by a crash left behind; a temporary folder that was complete (its
+    `trainer_state.json` written, the crash between the two renames of `finish`) takes its place instead."""
+    for p in sorted(Path(folder).glob(TMP_PREFIX + "*")):
+        final = Path(folder) / (PREFIX + p.name[len(TMP_PREFIX):])
+        if final.name[len(PREFIX):].isdigit() and not final.exists() and problem(p) is None:
+            os.replace(p, final)
+            log.warning("checkpoint %s was complete but not in place (a crash mid-rename): restored", final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def prune(folder: Path, keep: int | None) -> None:

@@ -55,7 +55,9 @@ def _train(cfg):
         if config_error is not None:  # a user's value that cannot work: the message says what to do
             print(f"lcm-exp: {config_error}", file=sys.stderr)
             hint(e)
-            raise SystemExit(2) from None
+            if _single_run():
+                raise SystemExit(2) from None
+            raise  # a sweep's job: Hydra records it as failed and runs the others
         if not _single_run():
             hint(e)
             raise

@@ -57,10 +57,11 @@ def build(cfg: DictConfig, trainer) -> Parts:
     teacher = instantiate(cfg.teacher)
     student = instantiate(cfg.student, teacher=teacher)
     method.init_student(student)
+    initial = [p.detach().clone() for p in student.trainable_parameters()]
     teacher.to(acc.device, trainer.weight_dtype)
     student.unet.to(acc.device)
-    for p in student.trainable_parameters():  # (LoRA's adapters sit in the teacher's UNet, cast just above)
-        p.data = p.data.float()
+    for p, p0 in zip(student.trainable_parameters(), initial):  # (LoRA's adapters sit in the teacher's UNet: the
+        p.data = p0.to(acc.device)  # cast above rounded them; they train in fp32 from their fp32 initialisation)
     ema = make_ema(online=student.unet, dtype=trainer.weight_dtype) if student.ema_target else OnlineTarget(student.unet)
     lcd = LCD(student=student.unet, target=ema.target, teacher=student.teacher_unet or teacher.unet,
               schedule=teacher.schedule.to(acc.device), solver=solver,
@@ -83,25 +84,27 @@ def run(cfg: DictConfig) -> float:
     trainer = instantiate(cfg.trainer)(job_dir=str(out_dir))
     acc = trainer.accelerator
     evaluator, exporter = instantiate(cfg.eval)(device=acc.device), instantiate(cfg.export)
-    # (a job submitit requeued after a preemption resumes from its own folder by itself)
-    candidates = ckpt.find(trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
-    resumed = ckpt.read_state(candidates[0]) if candidates else {}
-
-    tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
-    if not acc.is_main_process:
-        tracker.enabled = False
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(evaluator),
-            "lcm_exp.world_size": str(acc.num_processes)}
-    tracker.start(resolved, tags=tags, run_id=resumed.get("mlflow_run_id"))
-    if resumed:  # a continued run keeps its tags; these may have changed
-        tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective",
-                                               "lcm_exp.objective_direction")} | {"lcm_exp.preempted": "false"})
-    log_config(tracker, cfg, out_dir)
-    status, error, data = "FAILED", None, None
-    keep = {"config_key": ckpt.config_key(cfg), "config": ckpt.trajectory_config(cfg), "mlflow_run_id": tracker.run_id}
     with SignalGuard() as guard:
+        with guard.deferred():  # (a signal while the run is set up: noted, and acted on once it is)
+            # (a job submitit requeued after a preemption resumes from its own folder by itself)
+            candidates = ckpt.find(trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
+            resumed = ckpt.read_state(candidates[0]) if candidates else {}
+
+            tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
+            if not acc.is_main_process:
+                tracker.enabled = False
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(evaluator),
+                    "lcm_exp.world_size": str(acc.num_processes)}
+            tracker.start(resolved, tags=tags, run_id=resumed.get("mlflow_run_id"))
+            if resumed:  # a continued run keeps its tags; these may have changed
+                tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective",
+                                                       "lcm_exp.objective_direction")} | {"lcm_exp.preempted": "false"})
+            log_config(tracker, cfg, out_dir)
+        status, error, data = "FAILED", None, None
+        keep = {"config_key": ckpt.config_key(cfg), "config": ckpt.trajectory_config(cfg), "mlflow_run_id": tracker.run_id}
         try:
+            guard.check()
             parts = build(cfg, trainer)
             teacher, student, ema, lcd = parts.teacher, parts.student, parts.ema, parts.lcd
             trainer.prepare(lcd, student, ema, parts.optim.optimizer, parts.scheduler)
@@ -118,7 +121,8 @@ def run(cfg: DictConfig) -> float:
             stats = trainer.fit(teacher, data, tracker, max_grad_norm=parts.optim.max_grad_norm, guard=guard,
                                 on_validate=on_validate, state=keep)
             if acc.num_processes > 1 and trainer.saved_step != trainer.global_step:
-                trainer.save_checkpoint(data, keep)  # (rank 0 alone could not save it if the end fails)
+                with guard.deferred():  # (rank 0 alone could not save it if the end fails)
+                    trainer.save_checkpoint(data, keep)
             if on_validate and trainer.global_step > 0:
                 validator(trainer.global_step)  # validation_every=0: only at the end; else the final step too
             objective = float(stats.get("train/loss", float("nan")))
@@ -171,9 +175,10 @@ def resume_hint(trainer, error: BaseException, start_dir: Path) -> str:
     what = (f"preempted by {error.signame} at step {trainer.global_step}" if isinstance(error, Preempted)
             else f"stopped at step {trainer.global_step} by {type(error).__name__}: {error}".splitlines()[0])
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    overrides = [o for o in overrides if not o.startswith("trainer.resume=")] + ["trainer.resume=latest"]
     lines = [f"lcm-exp: {what}"]
     if newest:
+        overrides = [o for o in overrides if not o.startswith("trainer.resume=")]
+        overrides.append(f"trainer.resume={newest[-1].resolve()}")
         lines += [f"lcm-exp: newest checkpoint: {newest[-1].resolve()}",
                   f"lcm-exp: resume with (from {start_dir}): lcm-exp {' '.join(shlex.quote(o) for o in overrides)}"]
     else:

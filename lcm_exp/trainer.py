@@ -73,6 +73,7 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the newest checkpoint written or loaded
         self.window = Window()
         self.data_position = DataPosition()
+        self.last_stats: dict = {}  # the last logged means (a run resumed at its last step returns them)
         self.executor = None
 
     def _check(self) -> None:
@@ -126,20 +127,26 @@ class Trainer:
                                         self.compile, acc.autocast)
 
     def resume_from(self, candidates: list[Path]) -> dict:
-        """Loads the first of `candidates` that loads (each failure named in a warning); returns its state."""
+        """Loads the first of `candidates` whose every file reads (each one that does not is named in a warning
+        and nothing of it is loaded); returns its state."""
+        acc = self.accelerator
         for path in candidates:
-            try:
-                self.accelerator.load_state(str(path))
-                state = ckpt.read_state(path)
-            except Exception as e:  # noqa: BLE001 - a damaged checkpoint: the one before it may be whole
-                log.warning("checkpoint %s could not be loaded (%s: %s): trying the one before", path,
-                            type(e).__name__, e)
+            why = ckpt.unreadable(path)
+            if why:
+                log.warning("checkpoint %s cannot be used (%s): trying the one before", path, why)
                 continue
+            acc.load_state(str(path))  # (every file read above: a failure here is a bug to see, not to skip)
+            state = ckpt.read_state(path)
+            if int(state.get("world_size", acc.num_processes)) != acc.num_processes:
+                log.warning("checkpoint %s was written by %s processes, this run has %d: it cannot resume exactly "
+                            "(the data streams and draws are split differently)", path, state.get("world_size"),
+                            acc.num_processes)
             self.global_step = self.saved_step = int(state["step"])
             rank = ckpt.rank_state(path, self.accelerator.process_index) or {}
             self.window = Window(**rank.get("window", {}))
             self.data_position = DataPosition(**rank.get("position", {}))
             state["path"], state["data"] = str(path), rank.get("data")
+            self.last_stats = state.get("last_stats", {})
             log.info("resumed from %s at step %d", path, self.global_step)
             return state
         if candidates:
@@ -200,7 +207,7 @@ class Trainer:
         def fetch(i):  # the batch and generator of micro-step i (None past the last)
             return (next(batches), self.generator(i)) if i < total else None
 
-        stats, last_save = {}, time.monotonic()
+        stats, last_save = dict(self.last_stats), time.monotonic()
         bar = progress_bar(self.progress_bar and acc.is_main_process, self.global_step, self.max_steps)
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -236,9 +243,11 @@ class Trainer:
                         last_save = time.monotonic()
                     if stop:
                         raise Preempted(guard.requested or "a signal on another rank")
-            finally:  # also after an error: nothing left running, threads back
+            finally:  # also after an error: nothing left running (executor, loader workers), threads back
                 if self.executor:
                     self.executor.close()
+                if hasattr(batches, "close"):
+                    batches.close()
                 if bar:
                     bar.close()
         acc.wait_for_everyone()
@@ -266,6 +275,7 @@ class Trainer:
         if on_log:
             on_log(self.global_step, stats)
         self.window = Window(last=stats["train/loss"])
+        self.last_stats = {k: v for k, v in stats.items() if k.startswith("train/loss")}
         return stats
 
     def _agree(self, stop: bool, due: bool = False) -> tuple[bool, bool]:
@@ -291,22 +301,26 @@ class Trainer:
             if acc.is_main_process:
                 ckpt.clear_temporary(self.checkpoint_dir)
                 tmp.mkdir(parents=True)
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp))
-            stream = getattr(data, "dataset", data)
-            rank = {"window": self.window.state(), "position": self.data_position.state(),
-                    "data": stream.state(**self.data_position.state()) if hasattr(stream, "state") else None}
-            (tmp / f"rank_state_{acc.process_index}.json").write_text(json.dumps(rank))
-        except Exception as e:  # noqa: BLE001 - a full disk, a quota: keep training, keep the old checkpoint
+        except Exception as e:  # noqa: BLE001 - (every rank must reach the same collectives below)
             error = e
-        failed = self._agree(error is not None)[0]
-        if acc.is_main_process:
+        if not self._agree(error is not None)[0]:
             try:
-                if not failed:
-                    ckpt.finish(tmp, final, {"step": step, "world_size": acc.num_processes, "time": time.time(),
-                                             **state})
+                acc.save_state(str(tmp))
+                stream = getattr(data, "dataset", data)
+                rank = {"window": self.window.state(), "position": self.data_position.state(),
+                        "data": stream.state(**self.data_position.state()) if hasattr(stream, "state") else None}
+                (tmp / f"rank_state_{acc.process_index}.json").write_text(json.dumps(rank))
+            except Exception as e:  # noqa: BLE001 - a full disk, a quota: keep training, keep the old checkpoint
+                error = e
+        failed = self._agree(error is not None)[0]
+        if acc.is_main_process and not failed:
+            try:
+                ckpt.finish(tmp, final, {"step": step, "world_size": acc.num_processes, "time": time.time(),
+                                         "last_stats": self.last_stats, **state})
             except Exception as e:  # noqa: BLE001
-                error, failed = e, True
+                error = e
+        failed = self._agree(failed or error is not None)[0]  # (every rank learns whether rank 0's part worked)
+        if acc.is_main_process:
             if failed:
                 ckpt.clear_temporary(self.checkpoint_dir)
                 previous = ckpt.listed(self.checkpoint_dir)

@@ -31,19 +31,21 @@ def lcm_exp(args, cwd, expect: int | None = 0, timeout: int = 600, env: dict | N
     return r
 
 
-def stop_at(args, cwd, step: int, sig=signal.SIGKILL, after_logged: int | None = None, timeout: int = 300):
+def stop_at(args, cwd, step: int, sig=signal.SIGKILL, after_logged: int | None = None, timeout: int = 300,
+            group: bool = False):
     """Starts `lcm-exp ARGS`, sends `sig` once its log shows `step N/` for N >= `step` (and, when given, once the
-    MLflow store holds train/loss at step `after_logged`, so that no earlier point is lost with the process);
-    returns (exit code, output)."""
+    MLflow store holds train/loss at step `after_logged`, so that no earlier point is lost with the process) -- to
+    its whole process group with `group` (its DataLoader workers too, as SLURM does); returns (exit code,
+    output)."""
     p = subprocess.Popen(command(args), cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+                         text=True, start_new_session=group)
     lines, deadline = [], time.monotonic() + timeout
     for line in p.stdout:
         lines.append(line)
         if " - step " in line and int(line.split(" - step ")[1].split("/")[0]) >= step:
             if after_logged is not None:
                 wait_for_point(cwd, after_logged, deadline)
-            p.send_signal(sig)
+            os.killpg(p.pid, sig) if group else p.send_signal(sig)
             break
         assert time.monotonic() < deadline, "".join(lines[-50:])
     out, _ = p.communicate(timeout=timeout)

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -104,3 +105,43 @@ def test_signal_guard_defers_in_the_loop_and_raises_elsewhere():
             guard.requested = None
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_damaged_contents_of_the_right_size_are_caught_before_anything_loads(tmp_path):
+    trainer = fit(tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=1")
+    one, two = ckpt.listed(trainer.checkpoint_dir)
+    ema = two / "custom_checkpoint_0.pkl"
+    raw = bytearray(ema.read_bytes())
+    raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)  # zeroed in the middle, the size unchanged
+    ema.write_bytes(bytes(raw))
+    assert ckpt.problem(two) is None  # (the manifest cannot see it)
+    assert "custom_checkpoint_0.pkl is damaged" in ckpt.unreadable(two)
+    assert ckpt.unreadable(one) is None
+    before = {n: p.detach().clone() for n, p in trainer.unwrap(trainer.unet).named_parameters()}
+    state = trainer.resume_from([two, one])  # the damaged one is skipped whole: nothing of it is loaded
+    assert state["step"] == 1 and trainer.global_step == 1 and state["path"] == str(one)
+    after = dict(trainer.unwrap(trainer.unet).named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # (step 1's weights, not step 2's)
+
+
+def test_latest_is_the_newest_written_not_the_highest_step(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"trainer": {"max_steps": 1}, "skip": {"k": 20}})
+    key = ckpt.config_key(cfg)
+    for run, step, when in (("old", 30, 1000.0), ("new", 10, 2000.0)):
+        folder = tmp_path / "outputs" / run / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / ckpt.STATE_FILE).write_text(__import__("json").dumps({"step": step, "config_key": key,
+                                                                        "time": when, "files": {}}))
+    found = ckpt.find("latest", cfg, tmp_path, tmp_path / "outputs" / "new")
+    assert [p.parent.parent.name for p in found] == ["new", "old"]
+
+
+def test_a_complete_save_cut_between_its_renames_is_restored(tmp_path):
+    trainer = fit(tmp_path, "trainer.max_steps=1", "trainer.checkpoint_every=1")
+    (done,) = ckpt.listed(trainer.checkpoint_dir)
+    moved = ckpt.temporary(trainer.checkpoint_dir, 1)
+    done.rename(moved)  # as if the process died after writing trainer_state.json, before the final rename
+    ckpt.clear_temporary(trainer.checkpoint_dir)
+    assert [p.name for p in ckpt.listed(trainer.checkpoint_dir)] == ["checkpoint-1"] and not moved.exists()

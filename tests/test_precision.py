@@ -26,15 +26,22 @@ def compose_run(tmp_path, *overrides):
                                             f"teacher.cache_dir={tmp_path}", *overrides])
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """A process holds one accelerate state: this test's is bf16, the other tests' in this process fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.mark.parametrize("student", ["full", "lora"])
-def test_student_starts_from_the_fp32_teacher_and_trains_in_fp32(tmp_path, student):
+def test_student_starts_from_the_fp32_teacher_and_trains_in_fp32(tmp_path, student, fresh_accelerate_state):
     from diffusers import UNet2DConditionModel
 
     from lcm_exp.runner import build
 
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # (a process holds one accelerate state: earlier tests' was fp32)
     cfg = compose_run(tmp_path, f"student={student}", "trainer.mixed_precision=bf16", "student.ema_target=true")
     trainer = instantiate(cfg.trainer)(job_dir=str(tmp_path))
     parts = build(cfg, trainer)

@@ -212,21 +212,38 @@ def batches(stream: ShardStream):
     if stream.num_workers == 0:
         return stream
     return Workers(stream, batch_size=None, num_workers=stream.num_workers, persistent_workers=True,
-                   prefetch_factor=4)
+                   prefetch_factor=4, worker_init_fn=_leave_stop_signals_to_the_trainer)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A preemption signal sent to the whole process group (SLURM, `scancel`, `kill -- -PGID`) must not kill the
+    loader workers under the training step: the trainer checkpoints and stops, then closes the loader, which ends
+    the workers (torch's sentinel; and its watchdog ends them if the trainer's process dies)."""
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class Workers(torch.utils.data.DataLoader):
     """A DataLoader that passes a worker's DataError on as the one-line message it was (torch wraps it in the
-    worker's traceback text)."""
+    worker's traceback text), and whose workers end when its iterator is closed."""
 
     def __iter__(self):
         it = super().__iter__()
-        while True:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except DataError as e:
-                last = str(e).strip().splitlines()[-1]
-                raise DataError(last.split("DataError: ", 1)[-1]) from None
-            yield batch
+        try:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                except DataError as e:
+                    last = str(e).strip().splitlines()[-1]
+                    raise DataError(last.split("DataError: ", 1)[-1]) from None
+                yield batch
+        finally:  # (closed by the trainer: the workers end now, not at interpreter exit, where multiprocessing
+            # would SIGTERM them -- which they ignore -- and wait for them)
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()

@@ -34,8 +34,14 @@ def build_folder(path: Path, arch: dict) -> None:
 
 
 def build_components(arch: dict) -> dict:
-    """A random SD-shaped pipeline's components from `arch` (any size: the default is tiny; see sd15_random)."""
-    a = {**DEFAULT_ARCH, **arch}
+    """A random SD-shaped pipeline's components from `arch` (any size: the default is tiny; see sd15_random),
+    drawn from `arch.seed` without touching torch's global generator (a run then draws the same whether the
+    teacher was built now or found in the cache)."""
+    with torch.random.fork_rng():
+        return _build_components({**DEFAULT_ARCH, **arch})
+
+
+def _build_components(a: dict) -> dict:
     torch.manual_seed(a["seed"])
     ch, n = list(a["unet_channels"]), len(a["unet_channels"])
     unet = UNet2DConditionModel(
