@@ -55,8 +55,8 @@ def option_name(group: str, target: str | None, choice: str | None = None) -> st
     `huber`), else the target's last name (a user's own class); `choice` for groups without a target."""
     if not target:
         return choice
-    if choice and _option_yaml(group, choice).get(TARGET) == target:
-        return choice
+    if choice and _option_yaml(group, choice).get(TARGET) in (target, None):  # (None: a user's own option file,
+        return choice  # on their hydra.searchpath)
     for option in _options(group):
         if _option_yaml(group, option).get(TARGET) == target:
             return option

@@ -99,6 +99,11 @@ def _type_ok(value, hint) -> bool:
     return True  # anything richer (a class, a Callable): not checked here
 
 
+def _takes_int(hint) -> bool:
+    """Whether an annotation names int itself (int, Optional[int], int | float), not only float."""
+    return hint is int or int in typing.get_args(hint)
+
+
 def describe(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
@@ -134,6 +139,8 @@ def check_group(group: str, node: DictConfig) -> None:
         hint = hints.get(key, inspect.Parameter.empty)
         if not _type_ok(value, hint):
             raise invalid(f"{group}.{key}", value, f"a value of type {describe(hint)}")
+        if isinstance(value, int) and not isinstance(value, bool) and _type_ok(0.5, hint) and not _takes_int(hint):
+            node[key] = float(value)  # `w_max=9` is the float 9.0 the target takes (and the param a run logs)
     missing = [n for n, p in params.items() if p.default is p.empty and n not in node and n not in runtime
                and n not in ("self", "args", "kwargs")]
     if missing:

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 # A tiny real job: the random SD-shaped teacher, 32 px shapes, a step per log line.
-TINY = ["teacher=tiny_random", "data.resolution=32", "data.num_samples=200", "trainer.batch_size=4",
+TINY = ["teacher=tiny_random", "data.resolution=32", "trainer.batch_size=4",
         "trainer.log_every=1", "trainer.progress_bar=false", "eval.enabled=false", "export.enabled=false"]
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 MAIN = "import sys; from lcm_exp.cli import train; sys.argv[0] = 'lcm-exp'; train()"

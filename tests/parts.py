@@ -1,5 +1,6 @@
 """Parts built from their YAML option (`conf/<group>/<option>.yaml`), as the runner builds them, for tests that
-call a part directly: `part("eval", steps=[1, 2])(device="cpu")`."""
+call a part directly: `part("eval", steps=[1, 2])(device="cpu")`, `part("student", "lora", lora_rank=4,
+runtime={"teacher": t})`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,10 @@ def option(group: str, name: str = "default"):
     return OmegaConf.merge(merged, node)
 
 
-def part(group: str, name: str = "default", **overrides):
-    """`instantiate` of the option with `overrides` of its keys (a `_partial_` option gives a partial)."""
+def part(group: str, name: str = "default", runtime: dict | None = None, **overrides):
+    """`instantiate` of the option with `overrides` of its keys and the run-time arguments `runtime` (a
+    `_partial_` option gives a partial)."""
     node = option(group, name)
     for key, value in overrides.items():
         node[key] = value
-    return instantiate(node)
+    return instantiate(node, **(runtime or {}))

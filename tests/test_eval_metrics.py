@@ -28,7 +28,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     teacher = part("teacher", "tiny_random", cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return teacher, part("student", "full")(teacher=teacher).unet
+    return teacher, part("student", "full", runtime={"teacher": teacher}).unet
 
 
 @pytest.fixture(scope="module")

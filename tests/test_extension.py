@@ -4,6 +4,7 @@ teacher through `_target_` alone; each trains 3 real steps, and each visibly cha
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ CASES = [
 
 
 def run(tmp_path, *overrides):
-    lcm_exp([*RUN, *overrides], tmp_path, env={"PYTHONPATH": str(EXT)})
+    path = os.pathsep.join(p for p in (str(EXT), os.environ.get("PYTHONPATH", "")) if p)  # the user's module
+    lcm_exp([*RUN, *overrides], tmp_path, env={"PYTHONPATH": path})
     history, run = loss_history(tmp_path)
     assert run.info.status == "FINISHED" and sorted(history) == [1, 2, 3]
     assert all(math.isfinite(v) for values in history.values() for v in values)
@@ -44,7 +46,8 @@ def test_a_users_part_trains(tmp_path, default, overrides, choice):
     group, option = choice
     assert mlflow_run.data.params[group] == option
     assert mlflow_run.data.params[f"{group}._target_"].startswith("my_parts.")
-    assert losses[1] != default[1]  # the part took part in the very first step
+    assert losses[1] != default[1] or (group == "student" and losses[3] != default[3])  # (a student kind: same
+    # first loss, as every kind starts as the teacher; then it trains other weights)
 
 
 def test_a_users_student_kind_trains_what_it_says(tmp_path, default):

@@ -14,6 +14,7 @@ from lcm_exp.bench import Setup
 from lcm_exp.cli import config_dir
 from lcm_exp.executors import Overlapped
 from lcm_exp.lcd import LCD
+from lcm_exp.methods import ConsistencyTraining
 
 
 def compose_bench(tmp_path, *overrides):
@@ -197,5 +198,5 @@ def test_overlap_refuses_shared_modules_and_shared_draws(tmp_path, monkeypatch, 
         parts.executor(overlap_frozen=True, **kw)
     assert "trainer.overlap_frozen=false" in str(e.value)
     if override == "student=lora":  # consistency training has no teacher pass: nothing shared
-        parts.lcd.method = "ct"
+        parts.lcd.method = ConsistencyTraining(from_scratch=False)
         assert isinstance(parts.executor(overlap_frozen=True), Overlapped)

@@ -32,7 +32,7 @@ def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher,
 
     t = teacher()
     base = copy.deepcopy(t.unet).eval()
-    s = part("student", "lora", lora_rank=4, lora_alpha=4)(teacher=t)
+    s = part("student", "lora", lora_rank=4, lora_alpha=4, runtime={"teacher": t})
     assert s.w_embedding_dim == 0 and not s.ema_target and s.unet.config.time_cond_proj_dim is None
     assert all("lora" in n for n, p in s.unet.named_parameters() if p.requires_grad)
     torch.manual_seed(0)
@@ -58,8 +58,8 @@ def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher,
 def test_stochastic_depth_drops_whole_blocks_in_training_only(teacher):
     from lcm_exp.students import DroppableBasicTransformerBlock, DroppableResnetBlock2D
 
-    plain = part("student", "full")(teacher=teacher()).unet.eval()
-    s = part("student", "full", stochastic_depth=0.5)(teacher=teacher())
+    plain = part("student", "full", runtime={"teacher": teacher()}).unet.eval()
+    s = part("student", "full", stochastic_depth=0.5, runtime={"teacher": teacher()})
     blocks = [m for m in s.unet.modules() if isinstance(m, (DroppableResnetBlock2D, DroppableBasicTransformerBlock))]
     assert len(blocks) >= 4 and any(isinstance(b, DroppableBasicTransformerBlock) for b in blocks)
     assert s.unet.state_dict().keys() == plain.state_dict().keys()  # save/load layout unchanged

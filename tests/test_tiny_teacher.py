@@ -10,14 +10,15 @@ from mlflow.tracking import MlflowClient
 from lcm_exp.data.shapes import caption, eval_prompts, scenes
 from lcm_exp.teachers import load_teacher
 from lcm_exp.teachers.sampling import initial_noise, sample_teacher
-from lcm_exp.teachers.tiny import ASSETS, RECIPE_FILE, ensure, load, main, recipe, vae_reconstruction
+from lcm_exp.teachers.tiny import ASSETS, RECIPE_FILE, ensure, main, recipe, vae_reconstruction
 from lcm_exp.teachers.tiny_recipe import vocabulary
+from parts import part
 
 
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    return load("tiny")
+    return part("teacher", "tiny")
 
 
 def test_default_recipe_is_the_shipped_teacher(teacher, tmp_path):
@@ -75,7 +76,7 @@ def test_build_command_at_tiny_scale(tmp_path, monkeypatch):
              "teacher.build.vae_batch=4", "teacher.build.unet_batch=4", f"teacher.cache_dir={tmp_path}"]
     path = main(["--out", str(out), "--no-measure", *small])
     assert path == out and json.loads((out / RECIPE_FILE).read_text())["build"]["unet_steps"] == 3
-    t = load_teacher("tiny", str(out))  # the plain SD loader
+    t = load_teacher("tiny", str(out), None, None, None, True)  # the plain SD loader
     assert t.vae.config.scaling_factor != 1.0 and t.unet.config.in_channels == 4
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     image = pipe("a small red circle in the center on a white background", height=32, width=32,
@@ -96,9 +97,7 @@ def test_config_recipe_equals_the_code_defaults():
     from hydra import compose, initialize_config_dir
 
     from lcm_exp.cli import config_dir
-    from lcm_exp.config import register
 
-    register()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("config")
     assert cfg.teacher.name == "tiny" and cfg.data.resolution == recipe()["arch"]["resolution"]

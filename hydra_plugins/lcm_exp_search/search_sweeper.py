@@ -143,10 +143,12 @@ class SearchSweeper(Sweeper):
 
     def _objective_direction(self, fixed: List[str]) -> str:
         """minimize or maximize, from the jobs' objective (eval.objective, or train/loss without eval)."""
+        from hydra.utils import instantiate
+
         from lcm_exp.runner import objective_tags
 
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(fixed))
-        return objective_tags(cfg)["lcm_exp.objective_direction"]
+        return objective_tags(instantiate(cfg.eval)(device="cpu"))["lcm_exp.objective_direction"]
 
     def _write_results(self, study) -> Optional[Path]:
         """`optimization_results.yaml` in the sweep folder: the study's best trial so far (all workers')."""

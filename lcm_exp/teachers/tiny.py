@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
             for key, value, step in rec["curve"]:
                 tracker.log_metrics({f"train/{key}": value}, step)
             tracker.log_metrics({f"build/{k}": v for k, v in rec["info"].items() if isinstance(v, float)}, 0)
-        teacher = load("tiny", str(path))
+        teacher = instantiate(t, pretrained=str(path))
         if not args.no_measure:
             res = spec["arch"]["resolution"]
             metrics, out = measure(teacher, res, args.num_prompts)
