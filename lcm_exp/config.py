@@ -16,7 +16,7 @@ import inspect
 import typing
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 ATTENTION_MODES = ("auto", "sdpa", "xformers")  # trainer.attention (lcm_exp/attention.py)
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -119,8 +119,13 @@ def check_group(group: str, node: DictConfig) -> None:
         raise ConfigError(f"{group}._target_={path} cannot be imported ({type(e).__name__}: {e}). Give a "
                           "module.function or module.Class that Python can import (your module on PYTHONPATH).")
     runtime = RUNTIME.get(group, set())
-    for key in node:
+    replaced = _replaced_keys(group, node)
+    for key in list(node):
         if key in HYDRA_KEYS:
+            continue
+        if key not in params and key in replaced:  # the chosen option's own key, its target replaced by a dict
+            with open_dict(node):
+                del node[key]
             continue
         if key not in params:
             if open_kwargs:
@@ -146,6 +151,22 @@ def check_group(group: str, node: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{', '.join(f'{group}.{n}' for n in missing)} must be set: {path} takes no default for "
                           f"it. Add it to the option's YAML, or set it, e.g. `lcm-exp {group}.{missing[0]}=...`.")
+
+
+def _replaced_keys(group: str, node: DictConfig) -> set[str]:
+    """The keys the chosen option's file set, when an override gave the group another `_target_` (a sweep over
+    dicts, `loss={_target_:lcm_exp.losses.l2}`, merges onto the chosen option, here huber with its huber_c)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    choice = HydraConfig.get().runtime.choices.get(group)
+    from .applicability import _option_yaml
+
+    chosen = _option_yaml(group, choice) if choice else {}
+    if chosen.get("_target_") in (None, node.get("_target_")):
+        return set()
+    return set(chosen) - HYDRA_KEYS
 
 
 def validate(cfg: DictConfig) -> None:

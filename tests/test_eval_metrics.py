@@ -12,12 +12,12 @@ from lcm_exp.evaluation import MODELS, markdown_table, objective_direction, writ
 from parts import part
 
 
-@pytest.fixture(scope="module", autouse=True)
 def evaluator(**kw):
     """The evaluator of conf/eval/default.yaml with some of its keys changed."""
     return part("eval", **kw)(device="cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads only add overhead (and thrash on a shared CPU)

@@ -96,7 +96,7 @@ def test_cached_stream_is_seeded_and_runs_on_every_rank(tmp_path, monkeypatch):
     urls = str(tmp_path / "cached-{00000..00001}.tar")
 
     def stream(seed, rank=0):
-        it = iter(cached_loader(urls, batch_size=1, seed=seed, shuffle_buffer=0, rank=rank))
+        it = iter(cached_loader(urls, batch_size=1, resolution=8, seed=seed, shuffle_buffer=0, rank=rank))
         return [next(it)["captions"][0] for _ in range(18)]
 
     first = stream(3)
