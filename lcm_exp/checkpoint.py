@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -188,6 +189,48 @@ def rank_state(path: Path, rank: int) -> dict | None:
     """What rank `rank` recorded beside the weights: its data position and logging window."""
     f = Path(path) / f"rank_state_{rank}.json"
     return json.loads(f.read_text()) if f.exists() else None
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def save(acc, folder: Path, step: int, rank: dict, state: dict, keep: int | None, agree) -> Path | None:
+    """Writes checkpoint `step` atomically: every rank its accelerate state and `rank` (its data position and
+    logging window) into the temporary folder, then rank 0 the manifest and `state`, and renames it into place;
+    the oldest beyond `keep` go. A failed write (a full disk, a quota) on any rank is logged and leaves the
+    previous checkpoint as it was; returns the folder, or None. `agree(failed)` is True on every rank when any
+    rank failed (every rank must reach the same collectives)."""
+    final, tmp = folder / f"{PREFIX}{step}", temporary(folder, step)
+    error = None
+    try:
+        if acc.is_main_process:
+            clear_temporary(folder)
+            tmp.mkdir(parents=True)
+    except Exception as e:  # noqa: BLE001
+        error = e
+    if not agree(error is not None):
+        try:
+            acc.save_state(str(tmp))
+            (tmp / f"rank_state_{acc.process_index}.json").write_text(json.dumps(rank))
+        except Exception as e:  # noqa: BLE001
+            error = e
+    failed = agree(error is not None)
+    if acc.is_main_process and not failed:
+        try:
+            finish(tmp, final, {**state, "time": time.time()})
+        except Exception as e:  # noqa: BLE001
+            error = e
+    failed = agree(failed or error is not None)  # (every rank learns whether rank 0's part worked)
+    if acc.is_main_process:
+        if failed:
+            clear_temporary(folder)
+            previous = listed(folder)
+            log.error("checkpoint at step %d could not be written (%s: %s); %s. Training goes on.", step,
+                      type(error).__name__ if error else "another rank", error or "failed",
+                      f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint")
+        else:
+            prune(folder, keep)
+            log.info("saved checkpoint %s", final)
+    acc.wait_for_everyone()
+    return None if failed else final
 
 
 # ------------------------------------------------------------------------------------------------------- writing

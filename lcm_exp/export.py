@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 EXPORT_FILE = "lcm_exp_export.json"

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,9 @@ from .attention import set_attention
 from .config import ATTENTION_MODES, invalid
 from .ema import EMA
 from .lcd import LCD
+from .data.stream import DataPosition
 from .preemption import Preempted, SignalGuard
+from .progress import Window, logs_above, progress_bar
 
 log = logging.getLogger(__name__)
 for _name in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line per file of every checkpoint
@@ -121,7 +121,7 @@ class Trainer:
         lcd.student = torch.compile(self.unet) if self.compile else self.unet
         if self.compile:
             lcd.teacher, lcd.target = torch.compile(lcd.teacher), torch.compile(lcd.target)
-        self.lcd, self.ema, self.teacher, self._uncond = lcd, ema, None, None
+        self.lcd, self.ema, self.teacher = lcd, ema, None
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.executor = executors.build(self.overlap_frozen, lcd, student.unet, self.condition, acc.device,
                                         self.compile, acc.autocast)
@@ -161,22 +161,8 @@ class Trainer:
         return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
 
     def condition(self, batch: dict, generator: torch.Generator):
-        """Step 1 of Alg. 1: z = E(x)·scale and the text conditions, or read them from a precomputed batch."""
-        acc, teacher = self.accelerator, self.teacher
-        micro = batch.get("micro_conditioning")  # SDXL: per-sample original size and crop coordinates
-        if "latent_mean" in batch:  # data=cached: the VAE posterior and the text embeddings, computed once
-            mean, std = batch["latent_mean"].to(acc.device), batch["latent_std"].to(acc.device)
-            noise = torch.randn(mean.shape, generator=generator).to(acc.device, mean.dtype)
-            latents = (mean + std * noise).float() * teacher.vae.config.scaling_factor
-            cond = {"encoder_hidden_states": batch["encoder_hidden_states"].to(acc.device)}
-        else:
-            latents = teacher.encode_images(batch["pixels"].to(acc.device), generator)
-            cond = teacher.encode_prompts(batch["captions"], micro)
-        n = latents.shape[0]
-        stale = self._uncond is None or next(iter(self._uncond.values())).shape[0] != n
-        if stale or (micro is not None and teacher.per_sample_uncond):
-            self._uncond = teacher.encode_prompts([""] * n, micro)  # else once: the empty prompt never changes
-        return latents.contiguous(memory_format=self.memory_format), cond, self._uncond
+        latents, cond, uncond = self.teacher.condition(batch, generator, self.accelerator.device)
+        return latents.contiguous(memory_format=self.memory_format), cond, uncond
 
     def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float, upcoming=None):
         """One micro-step: the LCD loss, backward, and (when gradients sync) clip + optimiser + lr step + EMA.
@@ -290,110 +276,17 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, data, state: dict) -> Path | None:
-        """Checkpoint of this step, written atomically (`lcm_exp.checkpoint`). A failed write (a full disk) is
-        logged and leaves the previous checkpoint as it was; training goes on. Returns the folder, or None."""
-        acc, step = self.accelerator, self.global_step
+        """Checkpoint of this step (`lcm_exp.checkpoint.save`): the folder, or None when the write failed (logged;
+        the previous checkpoint stays as it was and training goes on)."""
         if self.executor:
             self.executor.pause()
-        final, tmp = self.checkpoint_dir / f"{ckpt.PREFIX}{step}", ckpt.temporary(self.checkpoint_dir, step)
-        error = None
-        try:
-            if acc.is_main_process:
-                ckpt.clear_temporary(self.checkpoint_dir)
-                tmp.mkdir(parents=True)
-        except Exception as e:  # noqa: BLE001 - (every rank must reach the same collectives below)
-            error = e
-        if not self._agree(error is not None)[0]:
-            try:
-                acc.save_state(str(tmp))
-                stream = getattr(data, "dataset", data)
-                rank = {"window": self.window.state(), "position": self.data_position.state(),
-                        "data": stream.state(**self.data_position.state()) if hasattr(stream, "state") else None}
-                (tmp / f"rank_state_{acc.process_index}.json").write_text(json.dumps(rank))
-            except Exception as e:  # noqa: BLE001 - a full disk, a quota: keep training, keep the old checkpoint
-                error = e
-        failed = self._agree(error is not None)[0]
-        if acc.is_main_process and not failed:
-            try:
-                ckpt.finish(tmp, final, {"step": step, "world_size": acc.num_processes, "time": time.time(),
-                                         "last_stats": self.last_stats, **state})
-            except Exception as e:  # noqa: BLE001
-                error = e
-        failed = self._agree(failed or error is not None)[0]  # (every rank learns whether rank 0's part worked)
-        if acc.is_main_process:
-            if failed:
-                ckpt.clear_temporary(self.checkpoint_dir)
-                previous = ckpt.listed(self.checkpoint_dir)
-                log.error("checkpoint at step %d could not be written (%s: %s); %s. Training goes on.", step,
-                          type(error).__name__ if error else "another rank", error or "failed",
-                          f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint")
-            else:
-                ckpt.prune(self.checkpoint_dir, self.checkpoints_total_limit)
-                log.info("saved checkpoint %s", final)
-        acc.wait_for_everyone()
-        if failed:
-            return None
-        self.saved_step = step
-        return final
-
-
-@dataclass
-class Window:
-    """The losses and samples since the last log line (a checkpoint keeps it: a resumed run logs the same means)."""
-
-    loss: float = 0.0
-    n: int = 0
-    samples: int = 0
-    skipped: int = 0
-    last: float = math.nan
-
-    def __post_init__(self):
-        self.t0 = time.perf_counter()
-
-    def add(self, loss: float, samples: int, skipped: int) -> None:
-        self.loss, self.n, self.samples, self.skipped = self.loss + loss, self.n + 1, self.samples + samples, \
-            self.skipped + skipped
-        self.last = loss
-
-    def state(self) -> dict:
-        return {"loss": self.loss, "n": self.n, "samples": self.samples, "skipped": self.skipped}
-
-
-@dataclass
-class DataPosition:
-    """How many batches the finished steps took, and how many raw samples each data reader had taken by then."""
-
-    batches: int = 0
-    readers: dict | None = None
-
-    def __post_init__(self):
-        self.readers = {int(k): int(v) for k, v in (self.readers or {}).items()}
-
-    def advance(self, data_state) -> None:
-        self.batches += 1
-        if data_state is not None:
-            reader, taken = data_state
-            self.readers[int(reader)] = int(taken)
-
-    def state(self) -> dict:
-        return {"batches": self.batches, "readers": dict(self.readers)}
-
-
-def logs_above(bar):
-    """While a progress bar shows, log lines print above it instead of through it."""
-    if bar is None:
-        return contextlib.nullcontext()
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    return logging_redirect_tqdm()
-
-
-def progress_bar(enabled, step: int, total: int):
-    """A tqdm bar on a terminal (trainer.progress_bar=auto), none in a log file; true forces it, false hides it."""
-    if enabled == "auto":
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=step, desc="lcm-exp", unit="step", dynamic_ncols=True)
+        stream = getattr(data, "dataset", data)
+        rank = {"window": self.window.state(), "position": self.data_position.state(),
+                "data": stream.state(**self.data_position.state()) if hasattr(stream, "state") else None}
+        state = {"step": self.global_step, "world_size": self.accelerator.num_processes,
+                 "last_stats": self.last_stats, **state}
+        saved = ckpt.save(self.accelerator, self.checkpoint_dir, self.global_step, rank, state,
+                          self.checkpoints_total_limit, lambda failed: self._agree(failed)[0])
+        if saved:
+            self.saved_step = self.global_step
+        return saved

@@ -19,6 +19,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -205,6 +206,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch["n_skipped"] = Skips.pop()
         batch["data_state"] = (reader, taken)
         return batch
+
+
+@dataclass
+class DataPosition:
+    """How many batches the finished steps took, and how many raw samples each data reader had taken by then."""
+
+    batches: int = 0
+    readers: dict | None = None
+
+    def __post_init__(self):
+        self.readers = {int(k): int(v) for k, v in (self.readers or {}).items()}
+
+    def advance(self, data_state) -> None:
+        self.batches += 1
+        if data_state is not None:
+            reader, taken = data_state
+            self.readers[int(reader)] = int(taken)
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "readers": dict(self.readers)}
 
 
 def batches(stream: ShardStream):

@@ -94,6 +94,24 @@ class Teacher:
         hidden = self.text_encoder(ids.to(self.text_encoder.device))[0]
         return {"encoder_hidden_states": hidden}
 
+    def condition(self, batch: dict, generator: torch.Generator, device) -> tuple:
+        """Step 1 of Alg. 1: (z = E(x)·scale, the caption conditions, the empty prompt's), on `device`; from the
+        VAE posterior and the text embeddings a precomputed batch (`data=cached`) holds, or by encoding."""
+        micro = batch.get("micro_conditioning")  # SDXL: per-sample original size and crop coordinates
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            noise = torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
+            latents = (mean + std * noise).float() * self.vae.config.scaling_factor
+            cond = {"encoder_hidden_states": batch["encoder_hidden_states"].to(device)}
+        else:
+            latents = self.encode_images(batch["pixels"].to(device), generator)
+            cond = self.encode_prompts(batch["captions"], micro)
+        n, uncond = latents.shape[0], getattr(self, "_uncond", None)
+        stale = uncond is None or next(iter(uncond.values())).shape[0] != n
+        if stale or (micro is not None and self.per_sample_uncond):
+            uncond = self._uncond = self.encode_prompts([""] * n, micro)  # else once: "" never changes
+        return latents, cond, uncond
+
 
 def _check_folder(pretrained: str, components: list[str]) -> None:
     """A local teacher folder must hold every component: a missing one is named (instead of a loader's error)."""
