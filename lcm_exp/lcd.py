@@ -67,6 +67,7 @@ class LCD:
     batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
     teacher_first: bool = False  # the no-grad teacher/target passes before the online forward (same loss)
     method: object = None  # where the target point is taken (conf/method); None: distillation (LCM Alg. 1)
+    rows: tuple[int, int] = (0, 1)  # (this rank, ranks): draws are made for the global batch, this rank keeps its rows
 
     def __post_init__(self):
         self.method = self.method or Distillation()
@@ -108,14 +109,16 @@ class LCD:
         return denoise
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> "Draw":
-        """The step's random draws for a batch of latents, in Algorithm 1's order."""
-        bsz, device = latents.shape[0], latents.device
+        """The step's random draws, in Algorithm 1's order: made for the global batch (every rank draws the same
+        numbers), of which this rank keeps its rows `rank::ranks`, as its batch holds those rows of the data."""
+        rank, ranks = self.rows
+        bsz, device, mine = latents.shape[0] * ranks, latents.device, slice(rank, None, ranks)
         # Sample the pair (t_{n+k}, t_n) uniformly on the skipping-step DDIM grid t = (1..N)·k − 1 (§4.3).
-        t, t_prev = (x.to(device) for x in self.skip.sample(bsz, generator))
+        t, t_prev = (x[mine].to(device) for x in self.skip.sample(bsz, generator))
         # ε ~ N(0, I) for z_{t_{n+k}} (eq. 1).
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu")
+        noise = global_randn(latents.shape, generator, self.rows)
         # ω ~ U[ω_min, ω_max] (§4.2).
-        w = self.guidance.sample(bsz, device, generator)
+        w = self.guidance.sample(bsz, device, generator)[mine]
         return Draw(t, t_prev, noise.to(device, latents.dtype), w)
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None,
@@ -170,6 +173,15 @@ class Noised(NamedTuple):
     t_prev: torch.Tensor
     w: torch.Tensor
     w_emb: torch.Tensor | None
+
+
+def global_randn(shape, generator: torch.Generator | None, rows: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """N(0, I) draws for the global batch (`shape[0]` rows on each of `ranks`), this rank's rows `rank::ranks`: with
+    one generator state on every rank, the ranks together draw what one process with the whole batch would."""
+    rank, ranks = rows
+    full = torch.randn((shape[0] * ranks, *shape[1:]), generator=generator,
+                       device=generator.device if generator is not None else "cpu")
+    return full[rank::ranks]
 
 
 class Draw(NamedTuple):

@@ -82,7 +82,9 @@ def run(cfg: DictConfig) -> float:
     validate(cfg)
     start_dir, out_dir = hydra_dirs()
     trainer = instantiate(cfg.trainer)(job_dir=str(out_dir))
-    acc = trainer.accelerator
+    acc, out_dir = trainer.accelerator, Path(trainer.job_dir)  # (rank 0's folder on every rank)
+    if not acc.is_main_process:  # rank 0 speaks for the run; the others say only what goes wrong
+        logging.getLogger("lcm_exp").setLevel(logging.WARNING)
     evaluator, exporter = instantiate(cfg.eval)(device=acc.device), instantiate(cfg.export)
     with SignalGuard() as guard:
         with guard.deferred():  # (a signal while the run is set up: noted, and acted on once it is)
@@ -96,7 +98,7 @@ def run(cfg: DictConfig) -> float:
             resolved = OmegaConf.to_container(cfg, resolve=True)
             tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(evaluator),
                     "lcm_exp.world_size": str(acc.num_processes)}
-            tracker.start(resolved, tags=tags, run_id=resumed.get("mlflow_run_id"))
+            tracker.start({**resolved, "world_size": acc.num_processes}, tags=tags, run_id=resumed.get("mlflow_run_id"))
             if resumed:  # a continued run keeps its tags; these may have changed
                 tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective",
                                                        "lcm_exp.objective_direction")} | {"lcm_exp.preempted": "false"})
@@ -109,7 +111,7 @@ def run(cfg: DictConfig) -> float:
             teacher, student, ema, lcd = parts.teacher, parts.student, parts.ema, parts.lcd
             trainer.prepare(lcd, student, ema, parts.optim.optimizer, parts.scheduler)
             state = trainer.resume_from(candidates)
-            data = instantiate(cfg.data)(batch_size=trainer.batch_size, rank=acc.process_index,
+            data = instantiate(cfg.data)(batch_size=trainer.rank_batch_size, rank=acc.process_index,
                                          world_size=acc.num_processes, teacher=teacher, state=state.get("data"))
             stream = stream_of(data)
             w = lcd.guidance.mid if evaluator.w is None else float(evaluator.w)  # validation's and evaluation's

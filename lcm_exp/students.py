@@ -35,6 +35,7 @@ class Student:
 
     kind = "full"
     ema_target = True
+    skips_parameters = False  # some parameters may get no gradient in a step (stochastic depth): DDP must look
     teacher_unet: Callable | None = None
 
     def __init__(self, unet, w_embedding_dim: int, sigma_data: float, timestep_scaling: float):
@@ -95,7 +96,9 @@ def full(teacher, time_cond_proj_dim: int, sigma_data: float, timestep_scaling: 
     if stochastic_depth > 0:
         n = add_stochastic_depth(unet, stochastic_depth)
         log.info("stochastic depth %.3g on %d residual / transformer blocks", stochastic_depth, n)
-    return Student(unet, time_cond_proj_dim, sigma_data, timestep_scaling)
+    student = Student(unet, time_cond_proj_dim, sigma_data, timestep_scaling)
+    student.skips_parameters = stochastic_depth > 0
+    return student
 
 
 # ---------------------------------------------------------------------------------------------- stochastic depth

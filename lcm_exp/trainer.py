@@ -11,13 +11,14 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
 from . import checkpoint as ckpt
 from . import executors
@@ -26,7 +27,7 @@ from .config import ATTENTION_MODES, invalid
 from .ema import EMA
 from .lcd import LCD
 from .data.stream import DataPosition
-from .preemption import Preempted, SignalGuard
+from .preemption import Preempted, SignalGuard, under_submitit
 from .progress import Window, logs_above, progress_bar
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,17 @@ class Trainer:
     def __post_init__(self):
         self._check()
         set_seed(self.seed)  # model initialisations (LoRA, from-scratch CT) and any unseeded draw
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu,
-                                       gradient_accumulation_steps=self.gradient_accumulation_steps)
+        ranks_from_submitit()
+        # (several processes on a machine without CUDA: accelerate's CPU ranks, over gloo, only when asked for)
+        cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = acc = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu or cpu_ranks,
+                                             gradient_accumulation_steps=self.gradient_accumulation_steps)
+        if self.batch_size % acc.num_processes:
+            raise invalid("trainer.batch_size", self.batch_size, f"a multiple of the {acc.num_processes} processes: it "
+                          "is the global batch, split evenly over them")
+        self.rows = (acc.process_index, acc.num_processes)  # this rank's rows of every global batch: rank::ranks
+        if acc.num_processes > 1:  # one run folder: rank 0's (each rank's Hydra may have read another second)
+            self.job_dir = broadcast_object_list([str(self.job_dir)])[0]
         self.output_dir = Path(self.job_dir) / self.output_dir
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.global_step = 0
@@ -99,6 +109,11 @@ class Trainer:
                 raise invalid(f"trainer.{key}", value, expected)
 
     @property
+    def rank_batch_size(self) -> int:
+        """The samples each process takes per micro-step (`batch_size` is the global batch)."""
+        return self.batch_size // self.accelerator.num_processes
+
+    @property
     def weight_dtype(self) -> torch.dtype:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
@@ -116,6 +131,9 @@ class Trainer:
                 set_attention(unet, self.attention)
         if self.gradient_checkpointing:
             student.unet.enable_gradient_checkpointing()
+        if getattr(student, "skips_parameters", False):  # (stochastic depth: a dropped block's parameters get no gradient that step)
+            acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        lcd.rows = self.rows
         self.unet, self.optimizer, self.lr_scheduler = acc.prepare(student.unet, optimizer, lr_scheduler)
         acc.register_for_checkpointing(ema)
         lcd.student = torch.compile(self.unet) if self.compile else self.unet
@@ -155,13 +173,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- step
     def generator(self, micro_step: int) -> torch.Generator:
-        """The generator of one micro-step's draws (VAE posterior, n, ε, ω): a function of the seed, the
-        micro-step and the rank only, so a resumed run draws what the uninterrupted one did."""
-        key = f"{self.seed}/{micro_step}/{self.accelerator.process_index}".encode()
+        """The generator of one micro-step's draws (VAE posterior, n, ε, ω) for the global batch: a function of the
+        seed and the micro-step only, the same on every rank, so a resumed run draws what the uninterrupted one did
+        and N ranks draw what one process would (each keeps its rows)."""
+        key = f"{self.seed}/{micro_step}/0".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
 
     def condition(self, batch: dict, generator: torch.Generator):
-        latents, cond, uncond = self.teacher.condition(batch, generator, self.accelerator.device)
+        latents, cond, uncond = self.teacher.condition(batch, generator, self.accelerator.device, self.rows)
         return latents.contiguous(memory_format=self.memory_format), cond, uncond
 
     def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float, upcoming=None):
@@ -290,3 +309,15 @@ class Trainer:
         if saved:
             self.saved_step = self.global_step
         return saved
+
+
+def ranks_from_submitit() -> None:
+    """Under submitit with several tasks (`hydra.launcher.tasks_per_node` x `nodes`), each task is one rank of
+    the job: torch.distributed's variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) come from its job
+    environment, as torchrun would set them (each task then takes the GPU of its local rank)."""
+    if not under_submitit() or "RANK" in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -9,7 +9,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lcm_exp.cli import config_dir
 from lcm_exp.config import RUNTIME, ConfigError, check_group, parameters, validate

@@ -86,7 +86,7 @@ def test_resampled_stream_follows_its_seed(shards):
 
 def test_cached_stream_is_seeded_and_runs_on_every_rank(tmp_path, monkeypatch):
     """`data=cached` shards: the same seed gives the same stream, and a second rank of a multi-process run reads
-    its own resampled stream (webdataset's default node splitter refuses to run there)."""
+    its share of the stream: every other sample (webdataset's default node splitter refuses to run there)."""
     from lcm_exp.data.cached import _npy, loader as cached_loader
     for shard in range(2):
         with wds.TarWriter(str(tmp_path / f"cached-{shard:05d}.tar")) as w:
@@ -95,15 +95,16 @@ def test_cached_stream_is_seeded_and_runs_on_every_rank(tmp_path, monkeypatch):
                          "emb.npy": _npy(torch.zeros(3, 8)), "txt": f"caption {shard}-{i}"})
     urls = str(tmp_path / "cached-{00000..00001}.tar")
 
-    def stream(seed, rank=0):
-        it = iter(cached_loader(urls, batch_size=1, resolution=8, seed=seed, shuffle_buffer=0, rank=rank))
+    def stream(seed, rank=0, world_size=1):
+        it = iter(cached_loader(urls, batch_size=1, resolution=8, seed=seed, shuffle_buffer=0, rank=rank,
+                                world_size=world_size))
         return [next(it)["captions"][0] for _ in range(18)]
 
     first = stream(3)
     assert stream(3) == first and stream(4) != first and len(set(first)) == 6
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert len(stream(3, rank=1)) == 18
+    assert stream(3, rank=1, world_size=2)[:9] == first[1::2]  # rank 1 of 2: every other sample of the stream
 
 
 def test_crop_and_flip_really_act():

@@ -50,7 +50,7 @@ def test_sigterm_checkpoints_tags_the_run_and_resumes(tmp_path, reference):
     assert code == 75, out[-3000:]  # EXIT_PREEMPTED
     stopped_at = int(out.split("preempted by SIGTERM at step ")[1].split()[0])
     assert 7 <= stopped_at < 30
-    assert f"saved checkpoint" in out and f"checkpoint-{stopped_at}" in out
+    assert "saved checkpoint" in out and f"checkpoint-{stopped_at}" in out
     (ckpt,) = tmp_path.glob(f"outputs/*/*/checkpoints/checkpoint-{stopped_at}")
     assert out.strip().splitlines()[-1].endswith(f"trainer.resume={ckpt.resolve()}")
     _, run = loss_history(tmp_path)

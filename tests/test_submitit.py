@@ -26,11 +26,14 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_preempted_submitit_job_is_requeued_and_resumes(tmp_path):
+@pytest.mark.parametrize("tasks", [1, 2], ids=["one_task", "two_tasks"])
+def test_preempted_submitit_job_is_requeued_and_resumes(tmp_path, tasks):
+    """With two tasks per job, the job is one two-rank training run (each task a rank): both ranks checkpoint
+    together, submitit requeues the job once, and the job's one MLflow child run records world size 2."""
     from mlflow.tracking import MlflowClient
 
-    sweep = subprocess.Popen(command(["-m", "hydra/launcher=submitit_local", *TINY, "trainer.max_steps=30",
-                                      "trainer.checkpoint_every=5", "skip.k=20"]),
+    sweep = subprocess.Popen(command(["-m", "hydra/launcher=submitit_local", f"hydra.launcher.tasks_per_node={tasks}",
+                                      *TINY, "trainer.max_steps=30", "trainer.checkpoint_every=5", "skip.k=20"]),
                              cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def job_log():
@@ -49,6 +52,7 @@ def test_preempted_submitit_job_is_requeued_and_resumes(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("lcm-distill").experiment_id])
     (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert child.info.status == "FINISHED" and child.data.tags["lcm_exp.preempted"] == "false"
+    assert child.data.params["world_size"] == str(tasks) and len(runs) == 2  # the parent and this one child
     values: dict[int, set] = {}
     for m in client.get_metric_history(child.info.run_id, "train/loss"):
         values.setdefault(m.step, set()).add(m.value)

@@ -2,10 +2,16 @@
 
 Where a stream is, is one number per reader: how many raw samples it has taken from its shuffle buffer. Each
 batch carries that number (`batch["data_state"]`), the trainer keeps the one of the last batch a finished step
-used, and a checkpoint stores it. Everything random in a reader is a function of (data.seed, rank, reader) and
-of the sample's position, so a stream rebuilt from a checkpoint replays the same shards and the same buffer and
+used, and a checkpoint stores it. Everything random in a reader is a function of (data.seed, reader) and of
+the sample's position, so a stream rebuilt from a checkpoint replays the same shards and the same buffer and
 drops the first samples unread by the decoder (the tar is read, no image is decoded): the next batch is the one
 the uninterrupted run would have drawn.
+
+Several ranks (processes of one data-parallel run) read the same stream, and rank r keeps the samples at positions
+r, r + W, r + 2W, ... of it (W ranks): it decodes only those, so the ranks' batches together are, row for row
+(rank r holds rows r::W), the global batch one process would read, as long as no sample is filtered out or
+unreadable (then each rank takes its next own sample: still no sample twice). The price is that every rank
+reads every shard's bytes.
 
 A "reader" is one DataLoader worker (or the main process without workers). DataLoader workers hand out batches
 in turn, so after `b` batches worker `i` of a resumed stream plays reader `(i + b) % num_workers` of the old one.
@@ -101,6 +107,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
         self.shuffle_buffer, self.resampled, self.epochs = int(shuffle_buffer), bool(resampled), epochs
         self.num_workers, self.partial = int(num_workers), partial
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} of {world_size} ranks")
         self.fingerprint = fingerprint(urls)
         self.start = self._start_from(state)
 
@@ -135,14 +143,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _shard_urls(self, reader: int, readers: int) -> Iterator[dict]:
         urls = expand(self.urls)
-        tag = f"{self.seed}/{self.rank}/{reader}"
+        tag = f"{self.seed}/0/{reader}"  # (no rank: every rank reads the same stream, and keeps its own samples)
         if self.resampled:
             rng = random.Random(f"shards/{tag}")
             while True:
                 yield {"url": urls[rng.randrange(len(urls))]}
-        slot, slots = self.rank * readers + reader, self.world_size * readers
+        slot, slots = reader, readers
         if len(urls) < slots:
-            raise DataError(f"data.urls has {len(urls)} shard(s) for {slots} readers (ranks x data.num_workers): "
+            raise DataError(f"data.urls has {len(urls)} shard(s) for {slots} readers (data.num_workers): "
                             "give more shards, lower data.num_workers, or set data.resampled=true")
         for epoch in (range(self.epochs) if self.epochs else itertools.count()):
             order = list(urls)
@@ -156,23 +164,27 @@ class ShardStream(torch.utils.data.IterableDataset):
         stages = [lambda: self._shard_urls(reader, readers), wds.tarfile_to_samples(handler=Skips.handler)]
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
-                                      rng=random.Random(f"buffer/{self.seed}/{self.rank}/{reader}")))
+                                      rng=random.Random(f"buffer/{self.seed}/0/{reader}")))
         return iter(wds.DataPipeline(*stages))
 
     def __iter__(self):
         reader, readers = self._reader()
         skip = self.start["readers"].get(reader, 0)
-        t0, taken, items, held, last_failure = time.perf_counter(), 0, [], None, None
+        t0, taken, real, items, held, last_failure = time.perf_counter(), 0, 0, [], None, None
         for sample in self.raw_samples(reader, readers):
             taken += 1
-            if taken <= skip:  # resuming: samples the checkpointed run had already taken, not decoded
-                if taken == skip:
-                    log.info("data: reader %d resumed after sample %d (%.1f s to read past them)", reader, skip,
-                             time.perf_counter() - t0)
-                continue
             if not sample.get("__key__"):  # the empty {} webdataset >= 0.2.96 ends each shard with
                 continue
-            rng = random.Random(f"sample/{self.seed}/{self.rank}/{reader}/{taken}")
+            real += 1
+            if (real - 1) % self.world_size != self.rank:  # another rank's sample (read, not decoded)
+                continue
+            if taken <= skip:  # resuming: samples the checkpointed run had already taken, not decoded
+                continue
+            if skip:
+                log.info("data: reader %d resumed after sample %d (%.1f s to read past them)", reader, skip,
+                         time.perf_counter() - t0)
+                skip = 0
+            rng = random.Random(f"sample/{self.seed}/0/{reader}/{taken}")
             try:
                 item = self.decode(sample, rng)
             except Exception as e:  # noqa: BLE001 - a corrupt image or field: skip it, count it
