@@ -18,7 +18,7 @@ from .ema import OnlineTarget
 from .lcd import LCD
 from .preemption import Preempted, SignalGuard, under_submitit
 from .registry import defaults
-from .tracking import run_tags
+from .provenance import run_tags
 from .validation import Validator
 
 log = logging.getLogger(__name__)

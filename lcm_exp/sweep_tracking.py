@@ -25,7 +25,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .run_names import SWEEP_FIXED_ENV, fixed_overrides
-from .tracking import PARENT_RUN_ENV, connect, default_uri, redact, run_tags
+from .provenance import run_tags
+from .tracking import PARENT_RUN_ENV, connect, default_uri, redact
 
 log = logging.getLogger(__name__)
 STUDY_PARENT_ATTR = "lcm_exp.mlflow_parent_run_id"  # the study's user attr naming its parent run

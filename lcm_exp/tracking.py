@@ -12,8 +12,6 @@ import logging
 import os
 import queue
 import re
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -113,47 +111,6 @@ def connect(uri: str, experiment: str):
         if exp is None:
             raise
         return client, exp.experiment_id
-
-
-def git_tags(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """Commit and dirty flag of the lcm_exp source checkout; {} when it is not one (a wheel install)."""
-    root = Path(path) if path else Path(__file__).resolve().parent.parent
-
-    def git(*args):
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-
-    try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
-            return {}
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return {"mlflow.source.git.commit": git("rev-parse", "HEAD"), "lcm_exp.git.dirty": str(dirty).lower()}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
-def run_tags() -> dict[str, str]:
-    """Provenance tags: git, Hydra overrides / job name / sweep, host, library versions."""
-    import diffusers
-    import torch
-    from hydra.core.hydra_config import HydraConfig
-
-    import lcm_exp
-
-    tags = {"lcm_exp.version": lcm_exp.__version__, "torch.version": torch.__version__,
-            "diffusers.version": diffusers.__version__, "host": socket.gethostname(), **git_tags()}
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        tags["hydra.overrides"] = redact(" ".join(hc.overrides.task)) or "(none)"
-        tags["hydra.job.name"] = hc.job.name
-        tags["hydra.mode"] = str(getattr(hc.mode, "name", hc.mode))
-        if tags["hydra.mode"].endswith("MULTIRUN"):
-            tags["hydra.job.num"] = str(hc.job.num)
-            tags["hydra.sweep.dir"] = str(Path(hc.sweep.dir).resolve())
-    if os.environ.get(PARENT_RUN_ENV):
-        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
-        tags["lcm_exp.sweep_id"] = os.environ[PARENT_RUN_ENV]
-    return {k: _cut(str(v), MAX_TAG_LEN) for k, v in tags.items()}
 
 
 def run_params(config: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:

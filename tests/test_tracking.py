@@ -35,8 +35,10 @@ def test_credentials_in_uris_are_redacted():
 
 
 def test_git_tags_of_this_checkout_and_of_a_plain_folder(tmp_path):
-    assert tracking.git_tags(tmp_path) == {}  # not a checkout: skipped, no error
-    tags = tracking.git_tags()
+    from lcm_exp.provenance import git_tags
+
+    assert git_tags(tmp_path) == {}  # not a checkout: skipped, no error
+    tags = git_tags()
     if not tags:
         pytest.skip("lcm_exp is not installed from a git checkout here")
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["lcm_exp.git.dirty"] in ("true", "false")
