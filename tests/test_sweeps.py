@@ -61,6 +61,22 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("lcm_exp_cache")
 
 
+JOBS = {"skip_k": 5, "loss": 5, "guidance": 4, "ema": 5, "solver": 3}  # the README's table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_every_job_of_every_sweep_file_runs(tmp_path, cache, name):
+    """Each study as shipped (one training step per job): every job composes, validates and trains."""
+    rc, out, _ = lcm_exp([f"+sweep={name}", *TINY, "trainer.max_steps=1"], tmp_path, cache)
+    assert rc == 0, out[-3000:]
+    _, parent, children = store(tmp_path)
+    assert len(children) == JOBS[name] and all(r.info.status == "FINISHED" for r in children), out[-3000:]
+    if name == "loss":  # l2 once, without huber's huber_c; huber at each c
+        params = sorted((r.data.params["loss"], r.data.params.get("loss.huber_c")) for r in children)
+        assert params == [("huber", "0.0001"), ("huber", "0.001"), ("huber", "0.01"), ("huber", "0.1"), ("l2", None)]
+
+
 def env():
     return {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
