@@ -23,7 +23,7 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 from . import checkpoint as ckpt
 from . import executors
 from .attention import set_attention
-from .config import ATTENTION_MODES, invalid
+from .config import ATTENTION_MODES, ConfigError, invalid
 from .ema import EMA
 from .lcd import LCD
 from .data.stream import DataPosition
@@ -73,6 +73,12 @@ class Trainer:
         if self.batch_size % acc.num_processes:
             raise invalid("trainer.batch_size", self.batch_size, f"a multiple of the {acc.num_processes} processes: it "
                           "is the global batch, split evenly over them")
+        if self.compile and acc.device.type == "cpu":
+            raise ConfigError(
+                "trainer.compile=true on a CPU is refused: torch's Inductor CPU backend (torch 2.13) computes wrong "
+                "gradients for the diffusers UNet here (84 of the tiny UNet's 208 parameters get zero; eager and "
+                "aot_eager agree with float64; docs/performance.md). Use trainer.compile=false on a CPU; on a GPU "
+                "tests/test_gpu.py checks the compiled step against eager.")
         self.rows = (acc.process_index, acc.num_processes)  # this rank's rows of every global batch: rank::ranks
         if acc.num_processes > 1:  # one run folder: rank 0's (each rank's Hydra may have read another second)
             self.job_dir = broadcast_object_list([str(self.job_dir)])[0]

@@ -21,6 +21,7 @@ fi
 export PYTHONPATH=$PWD MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+python3 scripts/check_compile_grads.py inductor 2>&1 | tail -1 | tee "$OUT/compile_grads.txt"  # (wrong on a CPU: docs/performance.md)
 ONLY=${ONLY:-}  # e.g. ONLY="all_on compile": run only these configurations
 e2e() {  # PRECISION: the main job end to end (no MLflow in the GPU image: tracking off), then load its export
   local p=$1 dir=/tmp/lcm_e2e_$1

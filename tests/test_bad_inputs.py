@@ -66,6 +66,7 @@ CASES = [
      ["none of the first 100 samples of data.urls could be read", "has no caption",
       "its fields: json, png", "expected one of txt, caption, text"]),
     (["guidance.w_min=9", "guidance.w_max=3"], 2, ["guidance.w_min: 9.0 > guidance.w_max=3.0"]),
+    (["trainer.compile=true"], 2, ["trainer.compile=true on a CPU is refused", "wrong gradients"]),
     # accepted: `.text` captions (the diffusers scripts read text;txt;caption), and more loader workers than
     # cores (capped, one log line)
     (["data=webdataset", "data.urls={root}/text/shard-00000.tar", "data.resolution=32", "data.num_workers=64"], 0,
