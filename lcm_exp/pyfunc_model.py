@@ -29,7 +29,7 @@ class LCMImageModel(mlflow.pyfunc.PythonModel):
         self.config = dict(context.model_config or {})
         export = context.artifacts["export"]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.config.get("kind") == "lora":
+        if self.config.get("needs_base", self.config.get("kind") == "lora"):  # (kind: versions saved before)
             base = context.artifacts.get("base") or self.config["base_model"]
             pipe = DiffusionPipeline.from_pretrained(base)
             pipe.scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")

@@ -66,9 +66,10 @@ def save(folder: Path, out: Path, teacher, student, config: dict) -> Path:
 
     artifacts = {"export": str(folder)}
     base = Path(str(teacher.path)).expanduser()
-    if student.kind == "lora" and base.is_dir():
+    if student.export_needs_base and base.is_dir():
         artifacts["base"] = str(base)
-    config = {**config, "kind": student.kind, "base_model": str(teacher.path), "teacher": teacher.name}
+    config = {**config, "kind": student.kind, "needs_base": student.export_needs_base,
+              "base_model": str(teacher.path), "teacher": teacher.name}
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the copy of local files: no bar
     save_model(str(out), python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
                model_config=config, signature=signature(config), pip_requirements=requirements(),

@@ -36,6 +36,7 @@ class Student:
     kind = "full"
     ema_target = True
     skips_parameters = False  # some parameters may get no gradient in a step (stochastic depth): DDP must look
+    export_needs_base = False  # the export holds only what was trained (adapters): loading it needs the base model
     teacher_unet: Callable | None = None
 
     def __init__(self, unet, w_embedding_dim: int, sigma_data: float, timestep_scaling: float):
@@ -157,6 +158,7 @@ class LoraStudent(Student):
     """LCM-LoRA (Luo et al. 2023b): peft adapters on the teacher's UNet are the only trained parameters."""
 
     kind = "lora"
+    export_needs_base = True
     WEIGHTS = "pytorch_lora_weights.safetensors"
 
     def __init__(self, unet, sigma_data: float, timestep_scaling: float, ema_target: bool):
