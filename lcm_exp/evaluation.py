@@ -1,9 +1,10 @@
 """Evaluation: what distillation buys at 1, 2, 4 and 8 steps (the LCM paper's headline table, per run).
 
 For a fixed, seeded set of prompts, initial noises and one w, we sample
-- the student with diffusers' `LatentConsistencyModelPipeline` + `LCMScheduler`
-  (`original_inference_steps` = T // skip.k, the training grid; `guidance_scale` = w + 1),
-- the teacher with `StableDiffusionPipeline` + `DDIMScheduler` and + DPM-Solver++ at the same step counts,
+- the student with diffusers' `LatentConsistencyModelPipeline` + the teacher's consistency sampler (`LCMScheduler`
+  for SD-family teachers; `original_inference_steps` = T // skip.k, the training grid; `guidance_scale` = w + 1),
+- the teacher with `StableDiffusionPipeline` + each of its own samplers (`Teacher.solvers`: DDIM and DPM-Solver++)
+  at the same step counts,
 - the reference: the teacher's DDIM at `eval.reference_steps` from the same noise, prompt and w,
 and report `eval/<model>_<n>step/<metric>` (DESIGN.md): `mse_to_ref` (latents), `psnr_to_ref` (decoded
 pixels in [0, 1]), `adherence` (shapes checker), `fid`/`kid` (offline Inception, see `metrics.py`) and
@@ -111,18 +112,15 @@ class Evaluator:
         return torch.randn((n, teacher.unet.config.in_channels, height // f, width // f), generator=g)
 
     def pipelines(self, teacher, student_unet, original_inference_steps: int, timestep_scaling: float):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
-
-        conf = teacher.scheduler.config
+        """{"student": its pipeline with the teacher's consistency sampler, "teacher_<solver>": the teacher's
+        pipeline with each of its own samplers (`Teacher.solvers`)}."""
         parts, teacher_cls, _ = pipeline_parts(teacher)
-        lcm = LCMScheduler.from_config(conf, original_inference_steps=original_inference_steps,
-                                       timestep_scaling=timestep_scaling, clip_sample=False)
         spacing = dict(timestep_spacing=self.timestep_spacing, steps_offset=1)  # SD's offset; unused by trailing
-        ddim = DDIMScheduler.from_config(conf, **spacing)
-        dpm = DPMSolverMultistepScheduler.from_config(conf, algorithm_type="dpmsolver++", **spacing)
-        pipes = {"student": student_pipeline(teacher, student_unet, lcm),
-                 "teacher_ddim": teacher_cls(unet=teacher.unet, scheduler=ddim, **parts),
-                 "teacher_dpmpp": teacher_cls(unet=teacher.unet, scheduler=dpm, **parts)}
+        pipes = {"student": student_pipeline(
+            teacher, student_unet, teacher.consistency_scheduler(original_inference_steps, timestep_scaling))}
+        for solver in teacher.solvers:
+            pipes[f"teacher_{solver}"] = teacher_cls(unet=teacher.unet, scheduler=teacher.solver_scheduler(solver, **spacing),
+                                                     **parts)
         for p in pipes.values():
             p.set_progress_bar_config(disable=True)
         return pipes
@@ -181,7 +179,7 @@ class Evaluator:
                                   timestep_scaling)
         res.images = {k: self.decode(teacher, v) for k, v in res.latents.items()}
         ref_lat, ref_img = res.latents["reference"], res.images["reference"]
-        names = [f"{m}_{n}step" for m in MODELS for n in self.steps]
+        names = [f"{m}_{n}step" for m in MODELS for n in self.steps if f"{m}_{n}step" in res.latents]
         for name in names:
             res.metrics[f"eval/{name}/mse_to_ref"] = M.mse(res.latents[name], ref_lat)
             res.metrics[f"eval/{name}/psnr_to_ref"] = M.psnr(res.images[name], ref_img, cap=self.psnr_cap)
@@ -271,7 +269,7 @@ def student_pipeline(teacher, unet, scheduler):
 def table_rows(res: EvalResult) -> tuple[list[str], list[list]]:
     cols = [m for m in METRICS if any(k.endswith("/" + m) for k in res.metrics)]
     rows = [[model, n] + [res.metrics.get(metric_name(model, n, m), math.nan) for m in cols]
-            for model in MODELS for n in res.steps]
+            for model in MODELS for n in res.steps if any(k.startswith(f"eval/{model}_") for k in res.metrics)]
     return ["model", "steps", *cols], rows
 
 

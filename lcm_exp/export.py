@@ -1,7 +1,7 @@
 """Export a distilled student the way diffusers users load it (safetensors only).
 
 - `student=full`: a pipeline folder (the teacher's VAE, text encoder(s), tokenizer(s), the distilled UNet and
-  an `LCMScheduler` set to the training grid: `original_inference_steps = T // k`, `timestep_scaling`), which
+  the teacher's consistency sampler (an `LCMScheduler` for SD-family teachers) set to the training grid: `original_inference_steps = T // k`, `timestep_scaling`), which
   `DiffusionPipeline.from_pretrained(folder)` loads and samples in 1-8 steps.
 - `student=lora`: `pytorch_lora_weights.safetensors` (LCM-LoRA) for `pipe.load_lora_weights(folder)` on the base
   model, and `scheduler/` with the LCMScheduler config for `LCMScheduler.from_pretrained(folder, subfolder=...)`.
@@ -10,7 +10,6 @@ checkpoint of a run (or a finished run's folder).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -20,19 +19,6 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 EXPORT_FILE = "lcm_exp_export.json"
-
-
-def lcm_scheduler(teacher, num_steps: int, timestep_scaling: float):
-    """The teacher's noise schedule as an LCMScheduler on the training skip-step grid (N = T // k steps)."""
-    from diffusers import LCMScheduler
-
-    # clip_sample=False: LCM's own setting (clipping latents to [-1, 1] is wrong; a DDPM config read from SD 1.5's
-    # PNDM config would carry DDPM's default True). Keys LCMScheduler does not take (DDPM's variance_type) are
-    # left out, so that loading the saved scheduler does not warn about them.
-    accepted = inspect.signature(LCMScheduler.__init__).parameters
-    config = {k: v for k, v in teacher.scheduler.config.items() if k in accepted}
-    return LCMScheduler.from_config(config, original_inference_steps=num_steps,
-                                    timestep_scaling=timestep_scaling, clip_sample=False)
 
 
 def pipeline(teacher, unet, scheduler):
@@ -63,7 +49,7 @@ def export(teacher, student, unet, out_dir: str | Path, num_steps: int, step: in
     what that is), with `lcm_exp_export.json`; `num_steps`: the training grid's N = T // k. Returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scheduler = lcm_scheduler(teacher, num_steps, student.timestep_scaling)
+    scheduler = teacher.consistency_scheduler(num_steps, student.timestep_scaling)
     load = student.export(teacher, getattr(unet, "module", unet), out, scheduler)  # (DDP-wrapped: its module)
     info = {"kind": student.kind, "base_model": teacher.path, "teacher": teacher.name,
             "skip_k": teacher.num_train_timesteps // num_steps, "original_inference_steps": num_steps,

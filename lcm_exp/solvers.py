@@ -14,6 +14,17 @@ from __future__ import annotations
 import torch
 
 
+def _vp_table(schedule, solver: str) -> torch.Tensor:
+    """The ᾱ table of a VP schedule, which Euler and Heun are written for; another family's schedule is refused."""
+    table = getattr(schedule, "alphas_cumprod", None)
+    if table is None:
+        from .config import ConfigError
+
+        raise ConfigError(f"solver={solver} is written for a VP (DDPM) noise schedule, and this teacher's is "
+                          f"{type(schedule).__name__}. Use solver=ddim, which needs only the schedule's (alpha_t, sigma_t).")
+    return table
+
+
 def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return table[t].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
@@ -31,7 +42,7 @@ def euler(denoise, z, t, t_prev, schedule):
     dz/dt = −½ β(t) (z − ε/σ_t), σ_t = √(1 − ᾱ_t), β(t) = −d log ᾱ/dt. First order, like DDIM, but in t
     rather than in σ: a different discretisation error for the same k, the ablation the solver choice asks for."""
     _, eps = denoise(z, t)
-    alphas_cumprod = schedule.alphas_cumprod
+    alphas_cumprod = _vp_table(schedule, "euler")
     log_a = alphas_cumprod.double().log()
     beta = -(log_a - torch.cat([log_a.new_zeros(1), log_a[:-1]])).to(alphas_cumprod.dtype)  # −Δ log ᾱ per step
     b, sigma = _at(beta, t, z), (1 - _at(alphas_cumprod, t, z)).sqrt()
@@ -42,7 +53,7 @@ def euler(denoise, z, t, t_prev, schedule):
 def heun(denoise, z, t, t_prev, schedule):
     """Heun's second-order method (Karras et al. 2022 "EDM", Alg. 1) in the variables x = z/√ᾱ,
     σ = √((1−ᾱ)/ᾱ), where dx/dσ = ε. Two guided teacher evaluations per step; its first stage is DDIM."""
-    alphas_cumprod = schedule.alphas_cumprod
+    alphas_cumprod = _vp_table(schedule, "heun")
     a, a_prev = _at(alphas_cumprod, t, z), _at(alphas_cumprod, t_prev, z)
     sigma, sigma_prev = ((1 - a) / a).sqrt(), ((1 - a_prev) / a_prev).sqrt()
     x = z / a.sqrt()

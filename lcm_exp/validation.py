@@ -1,5 +1,6 @@
 """Validation image grids: the online student and the target (EMA) sampled with diffusers'
-`LatentConsistencyModelPipeline` + `LCMScheduler` at a few step counts, fixed prompts and seed.
+`LatentConsistencyModelPipeline` and the teacher's consistency sampler (`LCMScheduler` for SD-family teachers)
+at a few step counts, fixed prompts and seed.
 
 One PNG per model and validation step (rows: step counts, columns: prompts, captioned; `grids.py`), written
 under the job's output folder and logged as run artifacts `validation/step_<N>/<model>.png`.
@@ -10,7 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import LCMScheduler
 from PIL import Image
 
 from .evaluation import student_pipeline
@@ -37,9 +37,7 @@ class Validator:
         self.steps, self.prompts = [int(s) for s in steps] or [1, 2, 4], list(prompts) or list(PROMPTS)
         self.seed, self.w = int(seed), float(w)
         self.original_inference_steps = int(num_steps)
-        self.scheduler = LCMScheduler.from_config(
-            teacher.scheduler.config, original_inference_steps=self.original_inference_steps,
-            timestep_scaling=student.timestep_scaling, prediction_type=teacher.prediction_type, clip_sample=False)
+        self.scheduler = teacher.consistency_scheduler(self.original_inference_steps, student.timestep_scaling)
         self.last_step: int | None = None
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
-"""Extending lcm_exp without editing it (issue 19): a user's module (tests/extension/my_parts.py) and YAML options
-(tests/extension/conf/) add a solver, a loss, a method, a guidance sampler, a student kind and an SD-shaped
-teacher through `_target_` alone; each trains 3 real steps, and each visibly changes what is trained."""
+"""Extending lcm_exp without editing it (issue 19): a user's modules (tests/extension/my_parts.py, my_family.py) and
+YAML options (tests/extension/conf/) add a solver, a loss, a method, a guidance sampler, a student kind, an
+SD-shaped teacher and a teacher family (flow matching) through `_target_` alone; each trains 3 real steps, and
+each visibly changes what is trained."""
 from __future__ import annotations
 
 import math
@@ -71,3 +72,45 @@ def test_an_sd_shaped_teacher_is_one_yaml(tmp_path):
     folder = build("sd15", tmp_path / "sd15")
     losses, mlflow_run = run(tmp_path, "teacher=my_sd", f"teacher.pretrained={folder}")
     assert mlflow_run.data.params["teacher"] == "my_sd"
+
+
+def test_a_teacher_family_of_ones_own_trains_validates_exports_and_evaluates(tmp_path, default):
+    """A flow-matching family (my_family.py + conf/teacher/flow.yaml): its schedule drives the LCD step, its
+    samplers drive validation, the evaluation and the export, which loads back with plain diffusers."""
+    losses, mlflow_run = run(tmp_path, "teacher=flow", "eval.enabled=true", "eval.steps=[1,2]", "eval.num_prompts=2",
+                             "eval.reference_steps=4", "export.enabled=true")
+    assert mlflow_run.data.params["teacher"] == "flow" and losses[1] != default[1]  # another schedule, another loss
+    metrics = mlflow_run.data.metrics
+    for model in ("student", "teacher_ddim"):
+        assert all(math.isfinite(metrics[f"eval/{model}_{n}step/psnr_to_ref"]) for n in (1, 2))
+    assert not any("teacher_dpmpp" in k for k in metrics)  # (a sampler the family does not have)
+    assert list(tmp_path.glob("outputs/*/*/validation/step_000003/student.png"))
+
+    import sys
+
+    from diffusers import DiffusionPipeline
+
+    sys.path.insert(0, str(EXT))
+    try:
+        from my_family import FlowConsistencyScheduler, FlowSchedule
+
+        (export,) = tmp_path.glob("outputs/*/*/export")
+        pipe = DiffusionPipeline.from_pretrained(export)
+        assert isinstance(pipe.scheduler, FlowConsistencyScheduler)
+        image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
+        assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
+        # the schedule inverts its own forward process (the velocity is ε − x0)
+        x0, eps, t = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4), torch.tensor([0, 500, 999])
+        z = FlowSchedule(1000).add_noise(x0, eps, t)
+        x0_hat, eps_hat = FlowSchedule(1000).x0_and_eps(eps - x0, t, z)
+        assert torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-5)
+    finally:
+        sys.path.remove(str(EXT))
+
+
+def test_a_vp_only_solver_on_another_family_is_a_one_line_error(tmp_path):
+    path = os.pathsep.join(p for p in (str(EXT), os.environ.get("PYTHONPATH", "")) if p)
+    r = lcm_exp([*RUN, "teacher=flow", "solver=euler"], tmp_path, expect=2, env={"PYTHONPATH": path})
+    last = (r.stdout + r.stderr).strip().splitlines()[-1]
+    assert "solver=euler is written for a VP (DDPM) noise schedule" in last and "solver=ddim" in last
+    assert "Traceback" not in r.stderr

@@ -7,6 +7,7 @@ teachers are first built into a cache folder in that same layout.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,37 @@ class Teacher:
     @property
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    # A teacher family with another noise schedule returns its own samplers here (diffusers schedulers: the
+    # pipelines call set_timesteps, scale_model_input, step and init_noise_sigma); nothing else samples.
+    solvers = ("ddim", "dpmpp")  # the teacher's own samplers the evaluation compares the student with
+
+    def consistency_scheduler(self, num_steps: int, timestep_scaling: float):
+        """The sampler of a student of this teacher (validation, evaluation, the export): LCM's multistep
+        consistency sampler, `LCMScheduler`, on the training's skip-step grid (`num_steps` = N = T // k) with the
+        student's boundary scalings."""
+        from diffusers import LCMScheduler
+
+        # clip_sample=False: LCM's own setting (clipping latents to [-1, 1] is wrong; a DDPM config read from SD
+        # 1.5's PNDM config would carry DDPM's default True). Keys LCMScheduler does not take (DDPM's variance_type)
+        # are left out, so that loading the saved scheduler does not warn about them.
+        accepted = inspect.signature(LCMScheduler.__init__).parameters
+        config = {k: v for k, v in self.scheduler.config.items() if k in accepted}
+        return LCMScheduler.from_config(config, original_inference_steps=num_steps,
+                                        timestep_scaling=timestep_scaling, clip_sample=False)
+
+    def solver_scheduler(self, solver: str, **settings):
+        """The teacher's own sampler `solver` (one of `solvers`: DDIM, DPM-Solver++) with diffusers `settings`
+        (e.g. timestep_spacing)."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        if solver == "dpmpp":
+            return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++",
+                                                           **settings)
+        if solver == "ddim":
+            return DDIMScheduler.from_config(self.scheduler.config, **settings)
+        raise ValueError(f"teacher {self.name} has no sampler {solver!r} (it has: {', '.join(self.solvers)})")
 
     def frozen_modules(self):
         return [self.unet, self.vae, self.text_encoder]

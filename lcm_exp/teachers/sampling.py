@@ -10,10 +10,7 @@ import math
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
-
-SOLVERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
 
 
 def initial_noise(teacher, n: int, seed: int, resolution: int) -> torch.Tensor:
@@ -30,7 +27,7 @@ def sample_teacher(teacher, prompts: list[str], w: float, steps: int, latents: t
     from ..evaluation import pipeline_parts
 
     parts, teacher_cls, _ = pipeline_parts(teacher)
-    pipe = teacher_cls(unet=teacher.unet, scheduler=SOLVERS[solver].from_config(teacher.scheduler.config), **parts)
+    pipe = teacher_cls(unet=teacher.unet, scheduler=teacher.solver_scheduler(solver), **parts)
     pipe.set_progress_bar_config(disable=True)
     res = latents.shape[-1] * pipe.vae_scale_factor
     out = []
