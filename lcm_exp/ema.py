@@ -13,6 +13,8 @@ class EMA:
     forward pass holds a bf16/fp16 copy of θ⁻, refreshed after each update: no per-op weight casts under
     autocast, half the memory traffic, and the average itself loses no precision."""
 
+    sharded = False  # FSDP: the target is a prepared model, checkpointed by accelerate (not through state_dict)
+
     def __init__(self, online: torch.nn.Module, decay: float, cast_to_mixed_precision: bool,
                  dtype: torch.dtype | None = None):
         if not 0.0 <= decay <= 1.0:
@@ -32,6 +34,22 @@ class EMA:
         if dtype is not None and dtype != torch.float32 and cast_to_mixed_precision:
             self._master = [p.detach().float().clone() for p in self._target_params]
             torch.nn.Module.to(self.target, dtype)  # (diffusers' own `to` warns of fp32 modules it has none of)
+
+    def shard(self, prepare, online: torch.nn.Module) -> None:
+        """FSDP (`trainer.strategy=fsdp`): the target sharded as the online network is (`prepare`: accelerate's),
+        its fp32 parameters the average itself, updated shard by shard on each rank with no communication (FSDP's
+        mixed-precision policy casts the gathered weights for the forward pass). `online`: the sharded student."""
+        with torch.no_grad():
+            if self._master is not self._target_params:  # back to fp32, from the fp32 average
+                torch.nn.Module.float(self.target)
+                torch._foreach_copy_(self._target_params, self._master)
+        self.target = prepare(self.target)
+        params = dict(self.target.named_parameters())
+        online_params = dict(online.named_parameters())
+        self._target_params = [params[n] for n in self._names]
+        self._online_params = [online_params[n] for n in self._names]
+        self._master = self._target_params
+        self.sharded = True
 
     @torch.no_grad()
     def update(self) -> None:
@@ -60,10 +78,18 @@ class EMA:
         extra = list(self._master) if self._master is not self._target_params else []
         return list(self.target.parameters()) + extra
 
+    def load_averaged(self, state: dict) -> None:
+        """The average from a target network's state dict (an FSDP checkpoint's sharded target, gathered)."""
+        self.load_state_dict({"master": [state[n] for n in self._names]})
+
     def state_dict(self):
+        if self.sharded:
+            return {}
         return {"master": [p.detach().clone() for p in self._master]}
 
     def load_state_dict(self, state):
+        if self.sharded:
+            return
         with torch.no_grad():
             torch._foreach_copy_(self._master, [p.to(self._master[0].device) for p in state["master"]])
             if self._master is not self._target_params:

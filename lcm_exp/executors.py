@@ -147,7 +147,7 @@ def random_layers(unet) -> tuple[bool, bool]:
             any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in modules))
 
 
-def overlap_obstacles(lcd, student_unet, device: torch.device, compile: bool) -> list[str]:
+def overlap_obstacles(lcd, student_unet, device: torch.device, compile: bool, sharded: bool = False) -> list[str]:
     """Why the frozen passes may not run beside the student's here (empty: they may)."""
     cannot = []
     if lcd.method.uses_teacher and not isinstance(lcd.teacher, torch.nn.Module):
@@ -161,16 +161,19 @@ def overlap_obstacles(lcd, student_unet, device: torch.device, compile: bool) ->
                       "(overlap_frozen is a CPU switch)")
     if compile:
         cannot.append("trainer.compile=true (compiled graphs are not called from two threads here)")
+    if sharded:
+        cannot.append("trainer.strategy=fsdp (a sharded network's passes gather its weights with collectives, "
+                      "which every rank must reach in one order)")
     return cannot
 
 
 def build(overlap_frozen, lcd, student_unet, condition: Callable, device: torch.device, compile: bool,
-          context: Callable[[], AbstractContextManager]) -> Sequential:
+          context: Callable[[], AbstractContextManager], sharded: bool = False) -> Sequential:
     """The executor `trainer.overlap_frozen` (auto | true | false) asks for here; auto: overlapped on a CPU with
     >= 2 threads where nothing forbids it."""
     if overlap_frozen not in (True, False, "auto"):
         raise ValueError(f"trainer.overlap_frozen={overlap_frozen!r}: use auto, true or false")
-    cannot = overlap_obstacles(lcd, student_unet, device, compile) if overlap_frozen else []
+    cannot = overlap_obstacles(lcd, student_unet, device, compile, sharded) if overlap_frozen else []
     if overlap_frozen is True and cannot:
         raise ValueError(f"trainer.overlap_frozen=true cannot run here: {'; '.join(cannot)}. "
                          "Use trainer.overlap_frozen=false (or auto, which turns it off here).")

@@ -69,13 +69,15 @@ class Exporter:
             raise invalid("export.model", model, "target (the EMA) or online")
         self.enabled, self.model, self.dir, self.register = enabled, model, dir, register
 
-    def __call__(self, teacher, student, ema, trainer, tracker, num_steps: int, sampling: dict) -> Path | None:
-        """`sampling`: the registered model's defaults (`lcm_exp.registry.defaults`)."""
+    def __call__(self, teacher, student, online, target, trainer, tracker, num_steps: int,
+                 sampling: dict) -> Path | None:
+        """`online`, `target`: the trained networks (plain, fp32); `sampling`: the registered model's defaults
+        (`lcm_exp.registry.defaults`)."""
         if not self.enabled:
             return None
         from .registry import register
 
-        net = ema.averaged() if self.model == "target" else trainer.unwrap(student.unet)
+        net = target if self.model == "target" else online
         folder = export(teacher, student, net, trainer.output_dir / self.dir, num_steps, step=trainer.global_step)
         tracker.log_artifact(folder, "model")
         log.info("exported the %s student (%s) to %s (MLflow artifact `model`)", student.kind, self.model, folder)
@@ -102,18 +104,40 @@ def load_trained(student, ema, path: Path) -> int:
     networks (`Student.save`). Returns the step."""
     from safetensors.torch import load_file
 
-    if (path / "trainer_state.json").exists():  # an accelerate checkpoint: model.safetensors + custom_checkpoint_0.pkl
-        state = load_file(path / "model.safetensors")
-        missing, unexpected = student.unet.load_state_dict(state, strict=False)
-        trained = {n for n, p in student.unet.named_parameters() if p.requires_grad}
-        if unexpected or trained & set(missing):
-            raise SystemExit(f"lcm-exp-export: {path} does not match the run's student ({missing[:3]}, {unexpected[:3]})")
-        ema_file = path / "custom_checkpoint_0.pkl"
-        if student.ema_target and ema_file.exists():
-            ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
+    if (path / "trainer_state.json").exists():  # an accelerate checkpoint
+        if (path / "pytorch_model_fsdp_0").is_dir():  # trainer.strategy=fsdp: sharded student and EMA target
+            load_state(student.unet, dcp_state(path / "pytorch_model_fsdp_0"), path)
+            if student.ema_target and (path / "pytorch_model_fsdp_1").is_dir():
+                ema.load_averaged(dcp_state(path / "pytorch_model_fsdp_1"))
+        else:  # model.safetensors + custom_checkpoint_0.pkl (the EMA's fp32 master)
+            load_state(student.unet, load_file(path / "model.safetensors"), path)
+            ema_file = path / "custom_checkpoint_0.pkl"
+            if student.ema_target and ema_file.exists():
+                ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
         return int(json.loads((path / "trainer_state.json").read_text())["step"])
     student.load(path, student.unet, ema.target)
     return json.loads((path / "lcm_exp_run.json").read_text()).get("step", 0) if (path / "lcm_exp_run.json").exists() else 0
+
+
+def dcp_state(folder: Path) -> dict:
+    """A sharded model folder of an FSDP checkpoint (torch.distributed.checkpoint, as accelerate writes it) as one
+    full state dict, read without any process group."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(folder), f"{tmp}/state.pt")
+        state = torch.load(f"{tmp}/state.pt", map_location="cpu", weights_only=True)
+    return state.get("model", state)
+
+
+def load_state(net, state: dict, path: Path) -> None:
+    """The checkpoint's weights into the student (every trained parameter must be there)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        raise SystemExit(f"lcm-exp-export: {path} does not match the run's student ({missing[:3]}, {unexpected[:3]})")
 
 
 def export_checkpoint(path: str | Path, out: str | Path | None = None, model: str | None = None,

@@ -119,22 +119,28 @@ def run(cfg: DictConfig) -> float:
                                   resolution=stream.resolution, out_dir=out_dir, tracker=tracker,
                                   steps=tracker.validation_steps, prompts=tracker.validation_prompts,
                                   seed=trainer.seed, w=w, unwrap=trainer.unwrap, dtype=trainer.weight_dtype)
-            on_validate = validator if acc.is_main_process else None
+            def on_validate(step: int) -> None:  # (rank 0 validates; under FSDP every rank gathers the weights)
+                nets = trainer.networks(student, ema) if trainer.sharded else ()
+                if acc.is_main_process:
+                    validator(step, *nets)
+
             stats = trainer.fit(teacher, data, tracker, max_grad_norm=parts.optim.max_grad_norm, guard=guard,
-                                on_validate=on_validate, state=keep)
+                                on_validate=on_validate if acc.is_main_process or trainer.sharded else None,
+                                state=keep)
             if acc.num_processes > 1 and trainer.saved_step != trainer.global_step:
                 with guard.deferred():  # (rank 0 alone could not save it if the end fails)
                     trainer.save_checkpoint(data, keep)
-            if on_validate and trainer.global_step > 0:
-                validator(trainer.global_step)  # validation_every=0: only at the end; else the final step too
+            online, target = trainer.networks(student, ema)  # (plain, fp32, on rank 0)
             objective = float(stats.get("train/loss", float("nan")))
             if acc.is_main_process:
-                save_students(trainer, student, ema, tracker)
-                exporter(teacher, student, ema, trainer, tracker, lcd.skip.num_steps,
+                if trainer.global_step > 0:  # (validation_every=0: only at the end)
+                    validator(trainer.global_step, *((online, target) if trainer.sharded else ()))
+                save_students(trainer, student, online, target, tracker)
+                exporter(teacher, student, online, target, trainer, tracker, lcd.skip.num_steps,
                          defaults(student, evaluator.objective, w, stream.resolution))
                 if evaluator.enabled:
-                    objective = evaluate_at_end(evaluator, teacher, student, ema, trainer, tracker, stream, w,
-                                                lcd.skip.num_steps)
+                    objective = evaluate_at_end(evaluator, teacher, student, online, target, trainer, tracker,
+                                                stream, w, lcd.skip.num_steps)
             status = "FINISHED"
             log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
             return objective
@@ -209,20 +215,21 @@ def objective_tags(evaluator) -> dict[str, str]:
     return {"lcm_exp.objective": name, "lcm_exp.objective_direction": objective_direction(name)}
 
 
-def save_students(trainer, student, ema, tracker) -> None:
+def save_students(trainer, student, online, target, tracker) -> None:
     """The final networks in the run folder (`Student.save`: `student_unet/` and `target_unet/`, or the LoRA
     files), plus `lcm_exp_run.json` (MLflow run id, tracking URI, step) for `lcm-exp-eval dir=...`."""
     out = trainer.output_dir
-    student.save(out, trainer.unwrap(student.unet), ema.averaged())
+    student.save(out, online, target)
     (out / "lcm_exp_run.json").write_text(json.dumps(
         {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "step": trainer.global_step}, indent=2))
 
 
-def evaluate_at_end(evaluator, teacher, student, ema, trainer, tracker, stream, w: float, num_steps: int) -> float:
+def evaluate_at_end(evaluator, teacher, student, online, target, trainer, tracker, stream, w: float,
+                    num_steps: int) -> float:
     """The evaluation of the trained student (`lcm_exp.evaluation`); returns `eval.objective`."""
     from .evaluation import evaluate_run
 
-    net = ema.averaged() if evaluator.model == "target" else trainer.unwrap(student.unet)
+    net = target if evaluator.model == "target" else online
     net = student.inference_unet(net)  # a plain UNet (LoRA: merged into a copy)
     student.teacher_again()  # from here on teacher.unet is the plain teacher (the evaluation's baselines)
     metrics = evaluate_run(evaluator, teacher, net, stream.eval_source, tracker, trainer.output_dir,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list, set_seed
 
 from . import checkpoint as ckpt
 from . import executors
@@ -31,7 +31,8 @@ from .preemption import Preempted, SignalGuard, under_submitit
 from .progress import Window, logs_above, progress_bar
 
 log = logging.getLogger(__name__)
-for _name in ("accelerate.accelerator", "accelerate.checkpointing"):  # a line per file of every checkpoint
+for _name in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils.fsdp_utils"):  # (a line per file
+    # of every checkpoint)
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
@@ -44,6 +45,7 @@ class Trainer:
     seed: int
     mixed_precision: str
     gradient_accumulation_steps: int
+    strategy: str
     cpu: bool
     log_every: int
     progress_bar: bool | str
@@ -68,8 +70,13 @@ class Trainer:
         ranks_from_submitit()
         # (several processes on a machine without CUDA: accelerate's CPU ranks, over gloo, only when asked for)
         cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        plugin = fsdp_plugin() if self.strategy == "fsdp" else None
         self.accelerator = acc = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu or cpu_ranks,
-                                             gradient_accumulation_steps=self.gradient_accumulation_steps)
+                                             gradient_accumulation_steps=self.gradient_accumulation_steps,
+                                             fsdp_plugin=plugin)
+        if plugin and acc.distributed_type == DistributedType.MULTI_CPU:
+            use_fsdp_on_cpu_ranks(acc, plugin)
+        self.sharded = acc.distributed_type == DistributedType.FSDP  # (one process: nothing to shard)
         if self.batch_size % acc.num_processes:
             raise invalid("trainer.batch_size", self.batch_size, f"a multiple of the {acc.num_processes} processes: it "
                           "is the global batch, split evenly over them")
@@ -100,6 +107,7 @@ class Trainer:
              ">= 1"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", self.mixed_precision,
              "one of no, fp16, bf16"),
+            (self.strategy in ("ddp", "fsdp"), "strategy", self.strategy, "ddp or fsdp"),
             (self.log_every >= 1, "log_every", self.log_every, ">= 1"),
             (self.progress_bar in (True, False, "auto"), "progress_bar", self.progress_bar, "auto, true or false"),
             (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: none by step count)"),
@@ -126,6 +134,28 @@ class Trainer:
     def unwrap(self, module):
         return self.accelerator.unwrap_model(module)
 
+    def networks(self, student, ema) -> tuple:
+        """(online student, target) as plain fp32 networks on rank 0, for validation, saving, the export and the
+        evaluation; (None, None) on the other ranks. Under FSDP their weights are gathered from every rank (a
+        collective: every rank calls this)."""
+        if self.sharded:
+            return self.plain(student.unet), self.plain(ema.target)
+        if not self.accelerator.is_main_process:
+            return None, None
+        return self.unwrap(student.unet), ema.averaged()
+
+    def plain(self, module):
+        """A sharded network's full weights (gathered from every rank) in an unsharded copy on rank 0."""
+        from torch.distributed.fsdp import FSDPModule
+
+        state = self.accelerator.get_state_dict(module)  # (full, on rank 0)
+        if not self.accelerator.is_main_process:
+            return None
+        cls = next(c for c in type(module).__mro__ if issubclass(c, torch.nn.Module) and not issubclass(c, FSDPModule))
+        net = cls.from_config(module.config)
+        net.load_state_dict(state)
+        return net.to(self.accelerator.device).train(module.training)
+
     # ------------------------------------------------------------------------------------------------- set-up
     def prepare(self, lcd: LCD, student, ema: EMA, optimizer, lr_scheduler) -> None:
         """Hands the trained parts to accelerate, applies the speed switches and picks the step executor."""
@@ -139,8 +169,13 @@ class Trainer:
             student.unet.enable_gradient_checkpointing()
         if getattr(student, "skips_parameters", False):  # (stochastic depth: a dropped block's parameters get no gradient that step)
             acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+        if self.sharded:
+            refuse_fsdp_for(student)
         lcd.rows = self.rows
         self.unet, self.optimizer, self.lr_scheduler = acc.prepare(student.unet, optimizer, lr_scheduler)
+        if self.sharded and isinstance(ema, EMA):
+            ema.shard(acc.prepare, self.unet)  # (the target: sharded like the student, checkpointed with it)
+            lcd.target = ema.target
         acc.register_for_checkpointing(ema)
         lcd.student = torch.compile(self.unet) if self.compile else self.unet
         if self.compile:
@@ -148,7 +183,7 @@ class Trainer:
         self.lcd, self.ema, self.teacher = lcd, ema, None
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.executor = executors.build(self.overlap_frozen, lcd, student.unet, self.condition, acc.device,
-                                        self.compile, acc.autocast)
+                                        self.compile, acc.autocast, self.sharded)
 
     def resume_from(self, candidates: list[Path]) -> dict:
         """Loads the first of `candidates` whose every file reads (each one that does not is named in a warning
@@ -203,6 +238,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients:
             self.ema.update()  # θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (Alg. 1)
+            if self.sharded:
+                reshard(self.unet, self.ema.target)
         return loss.detach(), grad_norm
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -327,3 +364,52 @@ def ranks_from_submitit() -> None:
 
     if submitit.JobEnvironment().num_tasks > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+# ------------------------------------------------------------------------------------------------------- FSDP
+FSDP_BLOCKS = ["BasicTransformerBlock", "ResnetBlock2D"]  # the diffusers UNet blocks each sharded as one unit
+
+
+def fsdp_plugin():
+    """`trainer.strategy=fsdp`: accelerate's FSDP2 plugin, sharding the student's blocks (parameters, gradients,
+    optimiser state) over the processes; full state dicts gathered for saving, sharded ones in checkpoints."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          transformer_cls_names_to_wrap=FSDP_BLOCKS, reshard_after_forward=True,
+                                          state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False)
+
+
+def use_fsdp_on_cpu_ranks(acc, plugin) -> None:
+    """accelerate (1.16) turns FSDP on only for GPU-like ranks and silently wraps CPU ranks in DDP; torch's FSDP2
+    runs on gloo CPU ranks, so on them lcm_exp selects accelerate's FSDP path itself (tests run it there)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState()
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    log.info("trainer.strategy=fsdp on %d CPU processes (gloo): accelerate's FSDP2 path", acc.num_processes)
+
+
+def reshard(*modules) -> None:
+    """Frees every gathered (unsharded) copy of these FSDP modules' weights, so that their next forward gathers
+    the shards the optimiser step and the EMA update just changed. FSDP2 keeps the root's weights gathered
+    after a forward (and, during accumulation, after a backward), which would otherwise run on stale copies."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+
+def refuse_fsdp_for(student) -> None:
+    why = None
+    if student.teacher_unet is not None:
+        why = "this student's teacher is the student itself with its adapters off (LCM-LoRA), which trains only small adapters"
+    elif student.skips_parameters:
+        why = "stochastic depth wraps the student's blocks, which FSDP shards as units"
+    if why:
+        raise ConfigError(f"trainer.strategy=fsdp is not supported here: {why}. Use trainer.strategy=ddp.")

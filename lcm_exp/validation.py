@@ -64,15 +64,16 @@ class Validator:
             unet.train(was_training)
         return make_grid(rows, self.prompts, title)
 
-    def __call__(self, step: int) -> list[Path]:
-        """Writes and logs the grids of the online student and the target at training step `step`."""
+    def __call__(self, step: int, online=None, target=None) -> list[Path]:
+        """Writes and logs the grids of the online student and the target at training step `step` (`online`,
+        `target`: plain copies of sharded networks, `Trainer.networks`)."""
         if self.last_step == step:
             return []
         self.last_step = step
         folder = self.out_dir / "validation" / f"step_{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name, unet in (("student", self.student_unet), ("target", self.target_unet)):
+        for name, unet in (("student", online or self.student_unet), ("target", target or self.target_unet)):
             path = folder / f"{name}.png"
             what = "online student" if name == "student" else "target (EMA) student"
             self.grid(unet, f"{what} at training step {step}, w = {self.w:g}").save(path)

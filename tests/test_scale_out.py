@@ -117,7 +117,8 @@ def test_two_ranks_preempted_by_sigterm_resume_exactly(tmp_path, two_ranks):
         "rank_state_0.json", "rank_state_1.json"}
     _, run = only_run(tmp_path)
     assert run.info.status == "KILLED"
-    torchrun([*RUN, "trainer.resume=latest"], tmp_path)
+    r = torchrun([*RUN, "trainer.resume=latest"], tmp_path)
+    assert f"at step {stopped}" in r.stdout + r.stderr  # ("resumed from <checkpoint> at step N": not a fresh start)
     resumed, uninterrupted = losses(tmp_path), losses(two_ranks)
     assert sorted(resumed) == list(range(1, 7))
     for step in range(stopped + 1, 7):
