@@ -26,7 +26,19 @@ def _main(config_name: str, task, config_path: str | None = None):
 
     if config_name == "config":
         register_sweeps()
-    return hydra.main(version_base="1.3", config_path=config_path or config_dir(), config_name=config_name)(task)()
+    try:
+        return hydra.main(version_base="1.3", config_path=config_path or config_dir(), config_name=config_name)(task)()
+    finally:
+        _end_processes()
+
+
+def _end_processes() -> None:
+    """Several processes: each ends its torch.distributed process group before the interpreter exits (left to
+    the exit, gloo's teardown could abort a rank that finished first, with "terminate called without an active
+    exception", and its launcher then stopped the others)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(cfg):

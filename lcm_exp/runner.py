@@ -131,6 +131,8 @@ def run(cfg: DictConfig) -> float:
                 with guard.deferred():  # (rank 0 alone could not save it if the end fails)
                     trainer.save_checkpoint(data, keep)
             online, target = trainer.networks(student, ema)  # (plain, fp32, on rank 0)
+            if trainer.sharded:
+                acc.wait_for_everyone()  # (every rank's part of the gather done before the others go their way)
             objective = float(stats.get("train/loss", float("nan")))
             if acc.is_main_process:
                 if trainer.global_step > 0:  # (validation_every=0: only at the end)
