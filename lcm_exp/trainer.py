@@ -98,6 +98,7 @@ class Trainer:
         self.data_position = DataPosition()
         self.last_stats: dict = {}  # the last logged means (a run resumed at its last step returns them)
         self.executor = None
+        self.fsdp_units: list = []  # (FSDP: the units whose gathered weights each optimiser step frees)
 
     def _check(self) -> None:
         checks = [
@@ -176,6 +177,7 @@ class Trainer:
         if self.sharded and isinstance(ema, EMA):
             ema.shard(acc.prepare, self.unet)  # (the target: sharded like the student, checkpointed with it)
             lcd.target = ema.target
+        self.fsdp_units = fsdp_units(self.unet, ema.target) if self.sharded else []
         acc.register_for_checkpointing(ema)
         lcd.student = torch.compile(self.unet) if self.compile else self.unet
         if self.compile:
@@ -238,8 +240,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients:
             self.ema.update()  # θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (Alg. 1)
-            if self.sharded:
-                reshard(self.unet, self.ema.target)
+            for unit in self.fsdp_units:  # (FSDP: the next forward gathers the weights just changed)
+                unit.reshard()
         return loss.detach(), grad_norm
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -393,16 +395,14 @@ def use_fsdp_on_cpu_ranks(acc, plugin) -> None:
     log.info("trainer.strategy=fsdp on %d CPU processes (gloo): accelerate's FSDP2 path", acc.num_processes)
 
 
-def reshard(*modules) -> None:
-    """Frees every gathered (unsharded) copy of these FSDP modules' weights, so that their next forward gathers
-    the shards the optimiser step and the EMA update just changed. FSDP2 keeps the root's weights gathered
-    after a forward (and, during accumulation, after a backward), which would otherwise run on stale copies."""
+def fsdp_units(*modules) -> list:
+    """The FSDP units of these networks, whose gathered (unsharded) weights are freed after each optimiser step and
+    EMA update (`FSDPModule.reshard`), so that their next forward gathers the shards those just changed: FSDP2
+    keeps the root's weights gathered after a forward (and, during accumulation, after a backward), which would
+    otherwise run on stale copies."""
     from torch.distributed.fsdp import FSDPModule
 
-    for module in modules:
-        for m in module.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+    return list(dict.fromkeys(m for module in modules for m in module.modules() if isinstance(m, FSDPModule)))
 
 
 def refuse_fsdp_for(student) -> None:

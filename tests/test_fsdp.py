@@ -8,17 +8,15 @@ gathered on rank 0; `lcm-exp-export` reads an FSDP checkpoint without any proces
 from __future__ import annotations
 
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from jobs import ENV, TINY, only_run
-from test_scale_out import RTOL, TWO, final_student, losses, mean_difference, torchrun
+from jobs import ENV, TINY, final_weights, only_run, same_weights
+from test_scale_out import RTOL, losses, mean_difference, sigterm_at, torchrun
 
 pytestmark = pytest.mark.slow
 RUN = [*TINY, "trainer.batch_size=4", "trainer.gradient_accumulation_steps=2", "trainer.max_steps=6",
@@ -26,11 +24,8 @@ RUN = [*TINY, "trainer.batch_size=4", "trainer.gradient_accumulation_steps=2", "
 FSDP = [*RUN, "trainer.strategy=fsdp"]
 
 
-def saved(cwd, sub: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    (f,) = Path(cwd).glob(f"outputs/*/*/{sub}/*.safetensors")
-    return load_file(str(f))
+def target(cwd) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in final_weights(cwd).items() if k.startswith("target_unet/")}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +48,8 @@ def test_fsdp_follows_ddp(ddp, fsdp):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert math.isclose(a[step], b[step], rel_tol=RTOL), (step, a[step], b[step])
-    assert mean_difference(final_student(ddp), final_student(fsdp)) < 1e-6
-    assert mean_difference(saved(ddp, "target_unet"), saved(fsdp, "target_unet")) < 1e-6
+    assert mean_difference(final_weights(ddp), final_weights(fsdp)) < 1e-6  # (the student's and the target's)
+    assert mean_difference(target(ddp), target(fsdp)) < 1e-6
 
 
 def test_fsdp_run_checkpoints_shards_and_exports_the_full_networks(fsdp):
@@ -67,8 +62,9 @@ def test_fsdp_run_checkpoints_shards_and_exports_the_full_networks(fsdp):
     assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "pytorch_model_fsdp_1").is_dir()  # student, target
     (export,) = Path(fsdp).glob("outputs/*/*/export")
     unet = DiffusionPipeline.from_pretrained(export).unet
-    target = saved(fsdp, "target_unet")
-    assert unet.dtype == torch.float32 and all(torch.equal(v, target[k]) for k, v in unet.state_dict().items())
+    averaged = target(fsdp)
+    assert unet.dtype == torch.float32 and all(torch.equal(v, averaged[f"target_unet/{k}"])
+                                               for k, v in unet.state_dict().items())
 
 
 def test_lcm_exp_export_reads_an_fsdp_checkpoint(fsdp, tmp_path):
@@ -81,23 +77,14 @@ def test_lcm_exp_export_reads_an_fsdp_checkpoint(fsdp, tmp_path):
                         f"out={out}"], cwd=fsdp, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (weights,) = out.glob("unet/*.safetensors")
-    exported, target = load_file(str(weights)), saved(fsdp, "target_unet")
-    assert exported.keys() == target.keys() and all(torch.equal(exported[k], target[k]) for k in target)
+    exported, averaged = load_file(str(weights)), target(fsdp)
+    assert {f"target_unet/{k}" for k in exported} == averaged.keys()
+    assert all(torch.equal(v, averaged[f"target_unet/{k}"]) for k, v in exported.items())
 
 
 def test_fsdp_preempted_by_sigterm_resumes_exactly(tmp_path, fsdp):
-    p = subprocess.Popen([*TWO, *FSDP, "trainer.checkpoint_every=1"], cwd=tmp_path, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, deadline = [], time.monotonic() + 300
-    for line in p.stdout:
-        lines.append(line)
-        if " - step 2/" in line:
-            p.send_signal(signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines[-40:])
-    out = "".join(lines) + p.communicate(timeout=300)[0]
-    assert p.returncode != 0, out[-3000:]
-    stopped = max(int(c.name.split("-")[1]) for c in Path(tmp_path).glob("outputs/*/*/checkpoints/checkpoint-*"))
+    out, saved = sigterm_at([*FSDP, "trainer.checkpoint_every=1"], tmp_path)
+    stopped = int(saved[-1].name.split("-")[1])
     assert 2 <= stopped < 6, out[-3000:]
     r = torchrun([*FSDP, "trainer.checkpoint_every=1", "trainer.resume=latest"], tmp_path)
     assert f"at step {stopped}" in r.stdout + r.stderr  # ("resumed from <checkpoint> at step N": not a fresh start)
@@ -105,16 +92,17 @@ def test_fsdp_preempted_by_sigterm_resumes_exactly(tmp_path, fsdp):
     assert sorted(resumed) == list(range(1, 7))
     for step in range(stopped + 1, 7):
         assert resumed[step] == uninterrupted[step], (step, resumed[step], uninterrupted[step])
-    assert torch.equal(torch.cat([v.flatten() for v in saved(tmp_path, "target_unet").values()]),
-                       torch.cat([v.flatten() for v in saved(fsdp, "target_unet").values()]))
+    assert same_weights(final_weights(tmp_path), final_weights(fsdp))
 
 
 def test_fsdp_in_bf16(tmp_path):
     from diffusers import DiffusionPipeline
 
     torchrun([*TINY, "trainer.batch_size=4", "trainer.max_steps=2", "trainer.strategy=fsdp",
-              "trainer.mixed_precision=bf16", "export.enabled=true"], tmp_path)
+              "trainer.mixed_precision=bf16", "export.enabled=true", "trainer.checkpoint_every=2"], tmp_path)
     assert all(math.isfinite(v) for v in losses(tmp_path).values())
+    (ckpt,) = Path(tmp_path).glob("outputs/*/*/checkpoints/checkpoint-2")
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir()  # (really sharded, not silently DDP)
     (export,) = Path(tmp_path).glob("outputs/*/*/export")
     assert DiffusionPipeline.from_pretrained(export).unet.dtype == torch.float32
 

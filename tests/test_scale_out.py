@@ -42,6 +42,23 @@ def losses(cwd) -> dict[int, float]:
     return {step: next(iter(v)) for step, v in sorted(history.items())}
 
 
+def sigterm_at(args, cwd, step: int = 2) -> tuple[str, list[Path]]:
+    """Starts two ranks with `args` and sends torchrun SIGTERM (as a scheduler does) once step `step` is logged;
+    returns the output and the checkpoints written, oldest first. The run must have stopped before its end."""
+    p = subprocess.Popen([*TWO, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + 300
+    for line in p.stdout:
+        lines.append(line)
+        if f" - step {step}/" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(lines[-40:])
+    out = "".join(lines) + p.communicate(timeout=300)[0]
+    assert p.returncode != 0, out[-3000:]
+    saved = sorted(Path(cwd).glob("outputs/*/*/checkpoints/checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    return out, saved
+
+
 def final_student(cwd) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -99,18 +116,7 @@ def test_two_ranks_are_one_mlflow_run_with_one_export(two_ranks):
 def test_two_ranks_preempted_by_sigterm_resume_exactly(tmp_path, two_ranks):
     """SIGTERM to torchrun (as a scheduler sends it): both ranks checkpoint the same step and stop; the resumed
     two-rank run logs, from there on, what the uninterrupted one did."""
-    p = subprocess.Popen([*TWO, *RUN], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
-    lines, deadline = [], time.monotonic() + 300
-    for line in p.stdout:
-        lines.append(line)
-        if " - step 2/" in line:
-            p.send_signal(signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines[-40:])
-    out = "".join(lines) + p.communicate(timeout=300)[0]
-    assert p.returncode != 0, out[-3000:]
-    saved = sorted(Path(tmp_path).glob("outputs/*/*/checkpoints/checkpoint-*"))
+    out, saved = sigterm_at(RUN, tmp_path)
     assert len(saved) == 1, out[-3000:]
     stopped = int(saved[0].name.split("-")[1])
     assert 2 <= stopped < 6 and {q.name for q in saved[0].glob("rank_state_*.json")} == {
