@@ -8,7 +8,7 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-from .paths import config_dir, sweeps_dir  # noqa: E402,F401  (tests and users import them from here)
+from .config import config_dir, sweeps_dir  # noqa: E402,F401  (tests and users import them from here)
 
 
 def register_sweeps() -> None:
@@ -48,7 +48,7 @@ def _train(cfg):
     error goes back to Hydra, which runs the other jobs and reports it."""
     import traceback
 
-    from .preemption import EXIT_PREEMPTED, Preempted, requeue_with_submitit, under_submitit
+    from .train.preemption import EXIT_PREEMPTED, Preempted, requeue_with_submitit, under_submitit
     from .runner import run
 
     def hint(e):
@@ -102,7 +102,7 @@ def train():
 
 
 def _evaluate(cfg):
-    from .eval_job import main
+    from .evaluation.job import main
 
     main(cfg)
 
@@ -113,7 +113,7 @@ def evaluate():
 
 
 def _report(cfg):
-    from .report import main
+    from .evaluation.report import main
 
     main(cfg)
 
@@ -124,7 +124,7 @@ def report():
 
 
 def _bench(cfg):
-    from .bench import report, run_bench
+    from .bench.measure import report, run_bench
     from .config import validate
 
     validate(cfg)
@@ -155,7 +155,7 @@ def precompute():
 
 
 def _export(cfg):
-    from .export import export_checkpoint
+    from .export.exporter import export_checkpoint
 
     if not cfg.checkpoint:
         raise SystemExit("lcm-exp-export: give checkpoint=<checkpoint-<step> folder or run output folder>")

@@ -11,15 +11,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint as ckpt
+from .train import checkpoint as ckpt
 from .config import validate
 from .data import stream_of
-from .ema import OnlineTarget
-from .lcd import LCD
-from .preemption import Preempted, SignalGuard, under_submitit
-from .registry import defaults
-from .provenance import run_tags
-from .validation import Validator
+from .distill.ema import OnlineTarget
+from .distill.lcd import LCD
+from .train.preemption import Preempted, SignalGuard, under_submitit
+from .export.registry import defaults
+from .tracking.provenance import run_tags
+from .evaluation.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Parts:
     student: object
     ema: object
     lcd: LCD
-    optim: object  # lcm_exp.optim.Optimisation
+    optim: object  # lcm_exp.train.optim.Optimisation
     scheduler: object
 
 
@@ -74,99 +74,143 @@ def build(cfg: DictConfig, trainer) -> Parts:
     return Parts(teacher, student, ema, lcd, optim, optim.schedule(trainer.max_steps, acc.num_processes))
 
 
+@dataclass
+class Job:
+    """What a run holds beside its parts: its folders, trainer, tracker, evaluator and exporter, the checkpoints
+    it may resume from, and what every checkpoint records beside the weights (`keep`)."""
+
+    cfg: DictConfig
+    start_dir: Path
+    out_dir: Path
+    trainer: object
+    tracker: object
+    evaluator: object
+    exporter: object
+    candidates: list
+    keep: dict
+
+
 def run(cfg: DictConfig) -> float:
     """Distils with the composed config; returns the objective (eval.objective, or the final train loss).
     Raises `Preempted` after a preemption signal (once the state is checkpointed) and a failure's own error (after
     saving the trained state when the failure left it whole); either way the MLflow run ends KILLED/FAILED and the
     last lines printed name the newest checkpoint and the command that resumes it."""
     validate(cfg)
-    start_dir, out_dir = hydra_dirs()
-    trainer = instantiate(cfg.trainer)(job_dir=str(out_dir))
-    acc, out_dir = trainer.accelerator, Path(trainer.job_dir)  # (rank 0's folder on every rank)
-    if not acc.is_main_process:  # rank 0 speaks for the run; the others say only what goes wrong
-        logging.getLogger("lcm_exp").setLevel(logging.WARNING)
-    evaluator, exporter = instantiate(cfg.eval)(device=acc.device), instantiate(cfg.export)
     with SignalGuard() as guard:
         with guard.deferred():  # (a signal while the run is set up: noted, and acted on once it is)
-            # (a job submitit requeued after a preemption resumes from its own folder by itself)
-            candidates = ckpt.find(trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
-            resumed = ckpt.read_state(candidates[0]) if candidates else {}
-
-            tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
-            if not acc.is_main_process:
-                tracker.enabled = False
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(evaluator),
-                    "lcm_exp.world_size": str(acc.num_processes)}
-            tracker.start({**resolved, "world_size": acc.num_processes}, tags=tags, run_id=resumed.get("mlflow_run_id"))
-            if resumed:  # a continued run keeps its tags; these may have changed
-                tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective",
-                                                       "lcm_exp.objective_direction")} | {"lcm_exp.preempted": "false"})
-            log_config(tracker, cfg, out_dir)
+            job = start(cfg)
         status, error, data = "FAILED", None, None
-        keep = {"config_key": ckpt.config_key(cfg), "config": ckpt.trajectory_config(cfg), "mlflow_run_id": tracker.run_id}
         try:
             guard.check()
-            parts = build(cfg, trainer)
-            teacher, student, ema, lcd = parts.teacher, parts.student, parts.ema, parts.lcd
-            trainer.prepare(lcd, student, ema, parts.optim.optimizer, parts.scheduler)
-            state = trainer.resume_from(candidates)
-            data = instantiate(cfg.data)(batch_size=trainer.rank_batch_size, rank=acc.process_index,
-                                         world_size=acc.num_processes, teacher=teacher, state=state.get("data"))
-            stream = stream_of(data)
-            w = lcd.guidance.mid if evaluator.w is None else float(evaluator.w)  # validation's and evaluation's
-            validator = Validator(teacher, student, ema.target, num_steps=lcd.skip.num_steps,
-                                  resolution=stream.resolution, out_dir=out_dir, tracker=tracker,
-                                  steps=tracker.validation_steps, prompts=tracker.validation_prompts,
-                                  seed=trainer.seed, w=w, unwrap=trainer.unwrap, dtype=trainer.weight_dtype)
-            def on_validate(step: int) -> None:  # (rank 0 validates; under FSDP every rank gathers the weights)
-                nets = trainer.networks(student, ema) if trainer.sharded else ()
-                if acc.is_main_process:
-                    validator(step, *nets)
-
-            stats = trainer.fit(teacher, data, tracker, max_grad_norm=parts.optim.max_grad_norm, guard=guard,
-                                on_validate=on_validate if acc.is_main_process or trainer.sharded else None,
-                                state=keep)
-            if acc.num_processes > 1 and trainer.saved_step != trainer.global_step:
-                with guard.deferred():  # (rank 0 alone could not save it if the end fails)
-                    trainer.save_checkpoint(data, keep)
-            online, target = trainer.networks(student, ema)  # (plain, fp32, on rank 0)
-            if trainer.sharded:
-                acc.wait_for_everyone()  # (every rank's part of the gather done before the others go their way)
-            objective = float(stats.get("train/loss", float("nan")))
-            if acc.is_main_process:
-                if trainer.global_step > 0:  # (validation_every=0: only at the end)
-                    validator(trainer.global_step, *((online, target) if trainer.sharded else ()))
-                save_students(trainer, student, online, target, tracker)
-                exporter(teacher, student, online, target, trainer, tracker, lcd.skip.num_steps,
-                         defaults(student, evaluator.objective, w, stream.resolution))
-                if evaluator.enabled:
-                    objective = evaluate_at_end(evaluator, teacher, student, online, target, trainer, tracker,
-                                                stream, w, lcd.skip.num_steps)
+            parts = build(cfg, job.trainer)
+            data, stream = train(job, parts, guard)
+            objective = finish(job, parts, stream)
             status = "FINISHED"
-            log.info("run %s finished at step %d; objective %.6g", tracker.run_id, trainer.global_step, objective)
+            log.info("run %s finished at step %d; objective %.6g", job.tracker.run_id, job.trainer.global_step,
+                     objective)
             return objective
         except BaseException as e:
-            error = e
-            status = "KILLED" if isinstance(e, Preempted) else "FAILED"
+            error, status = e, "KILLED" if isinstance(e, Preempted) else "FAILED"
             with guard.deferred():  # (a second signal must not cut this save short)
-                save_what_is_done(trainer, data, keep)
+                save_what_is_done(job.trainer, data, job.keep)
                 if isinstance(e, Preempted):
-                    tracker.set_tags({"lcm_exp.preempted": "true", "lcm_exp.preempted_by": e.signame,
-                                      "lcm_exp.preempted_at_step": str(trainer.global_step)})
+                    job.tracker.set_tags({"lcm_exp.preempted": "true", "lcm_exp.preempted_by": e.signame,
+                                          "lcm_exp.preempted_at_step": str(job.trainer.global_step)})
             raise
         finally:
             with guard.deferred():
-                tracker.end(status, error=error)
-            if error is not None:
-                error.lcm_exp_hint = resume_hint(trainer, error, start_dir)  # (printed last, by the entry point)
+                job.tracker.end(status, error=error)
+            if error is not None:  # (printed last, by the entry point)
+                error.lcm_exp_hint = resume_hint(job.trainer, error, job.start_dir)
+
+
+def start(cfg: DictConfig) -> Job:
+    """The trainer (and with it the processes), the checkpoints to resume from, and the MLflow run: a new one,
+    or the resumed run's own. Rank 0 speaks for the run; the other ranks log only what goes wrong."""
+    start_dir, out_dir = hydra_dirs()
+    trainer = instantiate(cfg.trainer)(job_dir=str(out_dir))
+    acc, out_dir = trainer.accelerator, Path(trainer.job_dir)  # (rank 0's folder on every rank)
+    if not acc.is_main_process:
+        logging.getLogger("lcm_exp").setLevel(logging.WARNING)
+    evaluator, exporter = instantiate(cfg.eval)(device=acc.device), instantiate(cfg.export)
+    # (a job submitit requeued after a preemption resumes from its own folder by itself)
+    candidates = ckpt.find(trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
+    resumed = ckpt.read_state(candidates[0]) if candidates else {}
+    tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
+    tracker.enabled = tracker.enabled and acc.is_main_process
+    tags = {**run_tags(), "lcm_exp.output_dir": str(trainer.output_dir.resolve()), **objective_tags(evaluator),
+            "lcm_exp.world_size": str(acc.num_processes)}
+    tracker.start({**OmegaConf.to_container(cfg, resolve=True), "world_size": acc.num_processes}, tags=tags,
+                  run_id=resumed.get("mlflow_run_id"))
+    if resumed:  # a continued run keeps its tags; these may have changed
+        tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective",
+                                               "lcm_exp.objective_direction")} | {"lcm_exp.preempted": "false"})
+    log_config(tracker, cfg, out_dir)
+    keep = {"config_key": ckpt.config_key(cfg), "config": ckpt.trajectory_config(cfg), "mlflow_run_id": tracker.run_id}
+    return Job(cfg, start_dir, out_dir, trainer, tracker, evaluator, exporter, candidates, keep)
+
+
+def train(job: Job, parts: Parts, guard: SignalGuard):
+    """Prepares the parts, resumes, and trains to `trainer.max_steps` (validating every
+    `trainer.validation_every` steps); returns (the batches, their stream). With several processes the end of
+    training is checkpointed by all of them (a failure after it, on rank 0 alone, could not save it)."""
+    trainer, acc, student, ema = job.trainer, job.trainer.accelerator, parts.student, parts.ema
+    trainer.prepare(parts.lcd, student, ema, parts.optim.optimizer, parts.scheduler)
+    state = trainer.resume_from(job.candidates)
+    data = instantiate(job.cfg.data)(batch_size=trainer.rank_batch_size, rank=acc.process_index,
+                                     world_size=acc.num_processes, teacher=parts.teacher, state=state.get("data"))
+    stream = stream_of(data)
+    job.validator = Validator(parts.teacher, student, ema.target, num_steps=parts.lcd.skip.num_steps,
+                              resolution=stream.resolution, out_dir=job.out_dir, tracker=job.tracker,
+                              steps=job.tracker.validation_steps, prompts=job.tracker.validation_prompts,
+                              seed=trainer.seed, w=sampling_w(job, parts), unwrap=trainer.unwrap,
+                              dtype=trainer.weight_dtype)
+
+    def on_validate(step: int) -> None:  # (rank 0 validates; under FSDP every rank gathers the weights)
+        nets = trainer.networks(student, ema) if trainer.sharded else ()
+        if acc.is_main_process:
+            job.validator(step, *nets)
+
+    trainer.fit(parts.teacher, data, job.tracker, max_grad_norm=parts.optim.max_grad_norm, guard=guard,
+                on_validate=on_validate if acc.is_main_process or trainer.sharded else None, state=job.keep)
+    if acc.num_processes > 1 and trainer.saved_step != trainer.global_step:
+        with guard.deferred():
+            trainer.save_checkpoint(data, job.keep)
+    return data, stream
+
+
+def finish(job: Job, parts: Parts, stream) -> float:
+    """After training, on rank 0: the last validation grid, the trained networks saved, the export, and the
+    evaluation; returns the objective (the evaluation's, or the last train loss)."""
+    trainer, acc, student = job.trainer, job.trainer.accelerator, parts.student
+    online, target = trainer.networks(student, parts.ema)  # (plain, fp32, on rank 0)
+    if trainer.sharded:
+        acc.wait_for_everyone()  # (every rank's part of the gather done before the others go their way)
+    objective = float(trainer.last_stats.get("train/loss", float("nan")))
+    if not acc.is_main_process:
+        return objective
+    if trainer.global_step > 0:  # (validation_every=0: only at the end)
+        job.validator(trainer.global_step, *((online, target) if trainer.sharded else ()))
+    save_students(trainer, student, online, target, job.tracker)
+    w, num_steps = sampling_w(job, parts), parts.lcd.skip.num_steps
+    job.exporter(parts.teacher, student, online, target, trainer, job.tracker, num_steps,
+                 defaults(student, job.evaluator.objective, w, stream.resolution))
+    if job.evaluator.enabled:
+        objective = evaluate_at_end(job.evaluator, parts.teacher, student, online, target, trainer, job.tracker,
+                                    stream, w, num_steps)
+    return objective
+
+
+def sampling_w(job: Job, parts: Parts) -> float:
+    """The guidance w at which validation, evaluation and the export's defaults sample."""
+    return parts.lcd.guidance.mid if job.evaluator.w is None else float(job.evaluator.w)
 
 
 def save_what_is_done(trainer, data, keep: dict | None) -> None:
     """After a failure or a preemption: a checkpoint of the trained state when there is one to save (training
     has started, it is between two steps, and it is not saved yet). A single process only: with several ranks
     the others may be gone (they checkpoint together at the end of training instead)."""
-    if (data is None or trainer.executor is None or not trainer.at_boundary or trainer.global_step == 0
+    if (data is None or not trainer.prepared or not trainer.at_boundary or trainer.global_step == 0
             or trainer.saved_step == trainer.global_step or trainer.accelerator.num_processes > 1):
         return
     try:
@@ -211,7 +255,7 @@ def log_config(tracker, cfg: DictConfig, out_dir: Path) -> None:
 
 def objective_tags(evaluator) -> dict[str, str]:
     """What `run()` returns and which way a sweeper should optimise it (psnr_to_ref: maximize)."""
-    from .evaluation import objective_direction
+    from .evaluation.evaluator import objective_direction
 
     name = evaluator.objective if evaluator.enabled else "train/loss"
     return {"lcm_exp.objective": name, "lcm_exp.objective_direction": objective_direction(name)}
@@ -228,8 +272,8 @@ def save_students(trainer, student, online, target, tracker) -> None:
 
 def evaluate_at_end(evaluator, teacher, student, online, target, trainer, tracker, stream, w: float,
                     num_steps: int) -> float:
-    """The evaluation of the trained student (`lcm_exp.evaluation`); returns `eval.objective`."""
-    from .evaluation import evaluate_run
+    """The evaluation of the trained student (`lcm_exp.evaluation.evaluator`); returns `eval.objective`."""
+    from .evaluation.evaluator import evaluate_run
 
     net = target if evaluator.model == "target" else online
     net = student.inference_unet(net)  # a plain UNet (LoRA: merged into a copy)

@@ -73,10 +73,10 @@ class Student:
 
     def export(self, teacher, net, out: Path, scheduler) -> str:
         """Writes what a diffusers user loads into `out`; returns how to load it."""
-        from .export import pipeline
+        from .teachers.pipelines import export_pipeline
 
         plain = net if net.dtype == torch.float32 else copy.deepcopy(net).float()
-        pipeline(teacher, plain, scheduler).save_pretrained(out, safe_serialization=True)
+        export_pipeline(teacher, plain, scheduler).save_pretrained(out, safe_serialization=True)
         return "pipe = DiffusionPipeline.from_pretrained(folder)"
 
 
@@ -197,7 +197,7 @@ class LoraStudent(Student):
     def export(self, teacher, net, out: Path, scheduler) -> str:
         """`pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder)` on the base model, and
         `scheduler/` with the LCMScheduler config."""
-        from .export import lora_pipeline_class
+        from .teachers.pipelines import lora_pipeline_class
 
         cls = lora_pipeline_class(teacher)
         cls.save_lora_weights(out, unet_lora_layers=lora_state_dict(net), safe_serialization=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lcm_exp.paths import config_dir
+from lcm_exp.config import config_dir
 
 
 def option(group: str, name: str = "default"):

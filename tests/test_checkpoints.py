@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from lcm_exp import checkpoint as ckpt
+from lcm_exp.train import checkpoint as ckpt
 
 
 class NoTracker:
@@ -52,7 +52,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, 
         return real(self, output_dir, **kw)
 
     monkeypatch.setattr(Accelerator, "save_state", full_disk)
-    with caplog.at_level(logging.INFO, logger="lcm_exp.trainer"):
+    with caplog.at_level(logging.INFO, logger="lcm_exp.train.trainer"):
         trainer = fit(tmp_path, "trainer.max_steps=3", "trainer.checkpoint_every=1",
                       "trainer.checkpoints_total_limit=5")
     assert trainer.global_step == 3 and trainer.saved_step == 3
@@ -92,7 +92,7 @@ def test_checkpoint_every_minutes(tmp_path):
 
 
 def test_signal_guard_defers_in_the_loop_and_raises_elsewhere():
-    from lcm_exp.preemption import Preempted, SignalGuard
+    from lcm_exp.train.preemption import Preempted, SignalGuard
 
     before = signal.getsignal(signal.SIGTERM)
     with SignalGuard() as guard:

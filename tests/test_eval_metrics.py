@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lcm_exp import metrics as M
-from lcm_exp.evaluation import MODELS, markdown_table, objective_direction, write_report
+from lcm_exp.evaluation import metrics as M
+from lcm_exp.evaluation.evaluator import MODELS, markdown_table, objective_direction, write_report
 from parts import part
 
 

@@ -20,7 +20,7 @@ from test_scale_out import RTOL, losses, mean_difference, sigterm_at, torchrun
 
 pytestmark = pytest.mark.slow
 RUN = [*TINY, "trainer.batch_size=4", "trainer.gradient_accumulation_steps=2", "trainer.max_steps=6",
-       "trainer.overlap_frozen=false", "trainer.checkpoint_every=3"]
+       "trainer.checkpoint_every=3"]
 FSDP = [*RUN, "trainer.strategy=fsdp"]
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lcm_exp.grids import PAD, captioned_grid, font, steps_label, tile_box, tile_size, wrap
-from lcm_exp.validation import make_grid
+from lcm_exp.evaluation.grids import PAD, captioned_grid, font, steps_label, tile_box, tile_size, wrap
+from lcm_exp.evaluation.validation import make_grid
 
 
 def sample(seed: int, size: int = 32) -> Image.Image:
@@ -49,7 +49,7 @@ def test_large_samples_are_scaled_down_to_a_bounded_tile():
 
 
 def test_eval_grid_columns_student_teacher_reference():
-    from lcm_exp.evaluation import EvalResult, image_grid
+    from lcm_exp.evaluation.evaluator import EvalResult, image_grid
 
     steps, prompts = [1, 4], ["p one", "p two", "p three"]
     images = {f"{m}_{n}step": torch.rand(3, 3, 32, 32) for m in ("student", "teacher_ddim") for n in steps}

@@ -58,7 +58,7 @@ def test_single_runs_names_params_and_system_metrics(tmp_path, cache):
     assert {k: prm[k] for k in ("loss", "solver", "teacher", "student", "optim", "experiment")} == \
         {"loss": "l2", "solver": "ddim", "teacher": "tiny_random", "student": "full", "optim": "adamw",
          "experiment": "smoke"}
-    assert prm["skip.k"] == "10" and prm["loss._target_"] == "lcm_exp.losses.l2"
+    assert prm["skip.k"] == "10" and prm["loss._target_"] == "lcm_exp.distill.losses.l2"
     assert "loss.huber_c" not in prm and not any(k.startswith("student.lora") for k in prm)
     assert "lcm_exp.not_applicable" not in run.data.tags  # (l2's option has no huber_c: nothing foreign logged)
     system = {k for k in run.data.metrics if k.startswith("system/")}
@@ -79,8 +79,8 @@ def test_single_runs_names_params_and_system_metrics(tmp_path, cache):
 
 
 def test_sweep_over_loss_dicts_names_children_and_report_attributes_nothing_foreign(tmp_path, cache):
-    losses = "{_target_:lcm_exp.losses.l2},{_target_:lcm_exp.losses.huber,huber_c:0.01}," \
-             "{_target_:lcm_exp.losses.huber,huber_c:0.1}"
+    losses = "{_target_:lcm_exp.distill.losses.l2},{_target_:lcm_exp.distill.losses.huber,huber_c:0.01}," \
+             "{_target_:lcm_exp.distill.losses.huber,huber_c:0.1}"
     train(["-m", *TINY, *TINY_EVAL, f"loss={losses}"], tmp_path, cache)
     client, _, runs = store(tmp_path)
     parent = next(r for r in runs if r.data.tags.get("lcm_exp.sweep") == "parent")

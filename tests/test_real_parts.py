@@ -28,7 +28,7 @@ def inputs(seed=0):
 def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from lcm_exp.export import export
+    from lcm_exp.export.exporter import export
 
     t = teacher()
     base = copy.deepcopy(t.unet).eval()
@@ -82,12 +82,12 @@ def test_stochastic_depth_drops_whole_blocks_in_training_only(teacher):
 
 def test_consistency_training_target_is_the_closed_form():
     """CT: the target is taken at z_{t_n} = √ᾱ_{t_n} z + √(1−ᾱ_{t_n}) ε with the ε of z_{t_{n+k}}; no teacher call."""
-    from lcm_exp.guidance import UniformGuidance
-    from lcm_exp.lcd import LCD
-    from lcm_exp.losses import l2
-    from lcm_exp.methods import ConsistencyTraining
-    from lcm_exp.schedules import VPSchedule
-    from lcm_exp.skip import SkipSchedule
+    from lcm_exp.distill.guidance import UniformGuidance
+    from lcm_exp.distill.lcd import LCD
+    from lcm_exp.distill.losses import l2
+    from lcm_exp.distill.methods import ConsistencyTraining
+    from lcm_exp.distill.schedules import VPSchedule
+    from lcm_exp.distill.skip import SkipSchedule
 
     class Net(torch.nn.Module):
         def __init__(self):

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -80,8 +81,10 @@ def serve_and_post(model_uri: str, cwd: Path, payload: dict, wait_s: float = 120
     """`mlflow models serve` on 127.0.0.1 (local env manager: nothing installed, nothing downloaded), one POST."""
     port = free_port()
     log = open(cwd / "serve.log", "w")
+    # (the server computes with this process's thread count: a CPU's sums round by how they are split)
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd, env=env(cwd), stdout=log,
+                             "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd, stdout=log,
+                            env={**env(cwd), "OMP_NUM_THREADS": str(torch.get_num_threads())},
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + wait_s

@@ -10,17 +10,17 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from lcm_exp.applicability import not_applicable, option_keys, option_name  # noqa: E402
-from lcm_exp.run_names import fixed_overrides, name_from_overrides  # noqa: E402
+from lcm_exp.tracking.applicability import not_applicable, option_keys, option_name  # noqa: E402
+from lcm_exp.tracking.names import fixed_overrides, name_from_overrides  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- applicability
 def test_keys_of_other_options_do_not_apply():
-    flat = {"loss._target_": "lcm_exp.losses.l2", "loss._partial_": "True", "loss.huber_c": "0.001",
+    flat = {"loss._target_": "lcm_exp.distill.losses.l2", "loss._partial_": "True", "loss.huber_c": "0.001",
             "student._target_": "lcm_exp.students.full", "student.lora_rank": "64", "student.lora_alpha": "64",
             "student.ema_target": "True", "student.time_cond_proj_dim": "256", "skip.k": "20", "method.name": "lcd"}
     assert not_applicable(flat) == {"loss.huber_c", "student.lora_rank", "student.lora_alpha", "student.ema_target"}
-    huber = {**flat, "loss._target_": "lcm_exp.losses.huber"}
+    huber = {**flat, "loss._target_": "lcm_exp.distill.losses.huber"}
     assert "loss.huber_c" not in not_applicable(huber)
     lora = {**flat, "student._target_": "lcm_exp.students.lora"}
     assert {"student.time_cond_proj_dim"} <= not_applicable(lora)
@@ -38,7 +38,7 @@ def test_a_teachers_keys_follow_its_loader():
 
 def test_option_yaml_and_its_defaults_count(tmp_path):
     # adamw8bit.yaml pulls in adamw.yaml: the runner's keys there (lr_scheduler, max_grad_norm) apply
-    keys = option_keys("optim", "lcm_exp.optim.adamw8bit", "adamw8bit")
+    keys = option_keys("optim", "lcm_exp.train.optim.adamw8bit", "adamw8bit")
     assert {"lr", "lr_scheduler", "lr_warmup_steps", "max_grad_norm"} <= keys
 
 
@@ -49,9 +49,9 @@ def test_a_users_own_target_keeps_every_key():
 
 
 def test_option_name_follows_the_target_not_hydras_default_choice():
-    # a sweep over dict values (`loss={_target_:lcm_exp.losses.l2}`) leaves Hydra's choice at the default
-    assert option_name("loss", "lcm_exp.losses.l2", "huber") == "l2"
-    assert option_name("loss", "lcm_exp.losses.huber", "huber") == "huber"
+    # a sweep over dict values (`loss={_target_:lcm_exp.distill.losses.l2}`) leaves Hydra's choice at the default
+    assert option_name("loss", "lcm_exp.distill.losses.l2", "huber") == "l2"
+    assert option_name("loss", "lcm_exp.distill.losses.huber", "huber") == "huber"
     assert option_name("method", None, "ct") == "ct"
 
 
@@ -61,9 +61,9 @@ def test_option_name_follows_the_target_not_hydras_default_choice():
     (["loss=l2", "skip.k=10"], [], "loss=l2 skip.k=10"),
     (["skip.k=10", "experiment=smoke", "teacher.cache_dir=/tmp/c", "tracking.uri=http://u:p@h:5000"], [],
      "smoke skip.k=10"),
-    (["+sweep=loss", "experiment=smoke", "loss={_target_:lcm_exp.losses.huber,huber_c:0.01}"],
+    (["+sweep=loss", "experiment=smoke", "loss={_target_:lcm_exp.distill.losses.huber,huber_c:0.01}"],
      ["+sweep=loss", "experiment=smoke"], "loss=huber loss.huber_c=0.01"),
-    (["loss={_target_:lcm_exp.losses.l2}", "optim.lr=0.000123456", "hydra/launcher=joblib", "export.enabled=false",
+    (["loss={_target_:lcm_exp.distill.losses.l2}", "optim.lr=0.000123456", "hydra/launcher=joblib", "export.enabled=false",
       "trainer.cpu=true"], [], "loss=l2 optim.lr=0.0001235 trainer.cpu=true"),
     (["teacher=sd15", "teacher.pretrained=/models/stable-diffusion-v1-5/"], [],
      "teacher=sd15 teacher.pretrained=stable-diffusion-v1-5"),
@@ -105,20 +105,20 @@ def hydra_reset():
 
 
 def test_run_params_full_student_l2(hydra_reset):
-    from lcm_exp.tracking import run_params
+    from lcm_exp.tracking.tracker import run_params
 
     params, dropped = run_params(compose(["loss=l2", "solver=heun", "experiment=smoke"]))
     assert {k: params[k] for k in ("loss", "solver", "teacher", "student", "optim", "experiment")} == \
         {"loss": "l2", "solver": "heun", "teacher": "tiny_random", "student": "full", "optim": "adamw",
          "experiment": "smoke"}
-    assert params["loss._target_"] == "lcm_exp.losses.l2" and params["skip.k"] == "20"  # dotted keys stay
+    assert params["loss._target_"] == "lcm_exp.distill.losses.l2" and params["skip.k"] == "20"  # dotted keys stay
     assert "loss.huber_c" not in params and "student.lora_rank" not in params
     assert not dropped  # (each option carries its own keys only: nothing foreign to drop)
     assert not any(k.startswith("hydra") for k in params)
 
 
 def test_run_params_lora_student_huber(hydra_reset):
-    from lcm_exp.tracking import run_params
+    from lcm_exp.tracking.tracker import run_params
 
     params, dropped = run_params(compose(["student=lora", "loss.huber_c=0.01"]))
     assert params["student"] == "lora" and params["loss"] == "huber" and params["loss.huber_c"] == "0.01"
@@ -126,9 +126,9 @@ def test_run_params_lora_student_huber(hydra_reset):
 
 
 def test_a_dict_override_names_its_option(hydra_reset):
-    from lcm_exp.tracking import run_params
+    from lcm_exp.tracking.tracker import run_params
 
-    params, _ = run_params(compose(["loss={_target_:lcm_exp.losses.l2}"]))
+    params, _ = run_params(compose(["loss={_target_:lcm_exp.distill.losses.l2}"]))
     assert params["loss"] == "l2" and "loss.huber_c" not in params
 
 
@@ -140,12 +140,12 @@ def run(name, **params):
 
 
 def test_report_never_attributes_what_does_not_apply(tmp_path):
-    from lcm_exp import report
+    from lcm_exp.evaluation import report
 
     # an l2 run logged before params were filtered still carries huber_c: it is judged the same way
-    old_l2 = run("a", **{"loss._target_": "lcm_exp.losses.l2", "loss.huber_c": "0.001", "skip.k": "20"})
-    h1 = run("b", **{"loss._target_": "lcm_exp.losses.huber", "loss": "huber", "loss.huber_c": "0.01", "skip.k": "20"})
-    h2 = run("c", **{"loss._target_": "lcm_exp.losses.huber", "loss": "huber", "loss.huber_c": "0.1", "skip.k": "20"})
+    old_l2 = run("a", **{"loss._target_": "lcm_exp.distill.losses.l2", "loss.huber_c": "0.001", "skip.k": "20"})
+    h1 = run("b", **{"loss._target_": "lcm_exp.distill.losses.huber", "loss": "huber", "loss.huber_c": "0.01", "skip.k": "20"})
+    h2 = run("c", **{"loss._target_": "lcm_exp.distill.losses.huber", "loss": "huber", "loss.huber_c": "0.1", "skip.k": "20"})
     runs = [old_l2, h1, h2]
     params = report.swept_params(runs)
     assert params == ["loss", "loss.huber_c"]
@@ -163,7 +163,7 @@ def test_ui_view_columns_and_their_accumulation(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from lcm_exp.ui_view import TAG, columns, share, sweep_keys
+    from lcm_exp.tracking.view import TAG, columns, share, sweep_keys
 
     assert {"skip.k", "loss.huber_c", "optim.lr", "ema.decay"} <= set(sweep_keys())
     config = {"eval": {"enabled": True, "steps": [1, 4], "objective": "eval/student_4step/psnr_to_ref"}}
@@ -183,7 +183,7 @@ def test_ui_view_columns_and_their_accumulation(tmp_path):
 
 # ------------------------------------------------------------------------------------------ headline metrics
 def test_headline_metrics_sort_first_and_copy_the_objectives_family():
-    from lcm_exp.evaluation import headline_metrics
+    from lcm_exp.evaluation.evaluator import headline_metrics
 
     metrics = {f"eval/{m}_{n}step/{f}": float(n) + (10 if m == "student" else 0)
                for m in ("student", "teacher_ddim", "teacher_dpmpp") for n in (1, 2, 4)

@@ -24,7 +24,7 @@ from jobs import ENV, TINY, lcm_exp, loss_history, only_run
 pytestmark = pytest.mark.slow
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lcm_exp"]
 RUN = [*TINY, "trainer.batch_size=4", "trainer.gradient_accumulation_steps=2", "trainer.max_steps=6",
-       "trainer.overlap_frozen=false"]
+       "optim.lr_scheduler=linear", "optim.lr_warmup_steps=3"]
 RTOL = 1e-4  # the stated tolerance of 2 ranks against 1 at the same global batch
 
 

@@ -23,7 +23,7 @@ STUDY = "lcm-exp-search"  # sweeps/search.yaml's default study, in ./optuna-jour
 def test_search_space_from_hydra_sweep_syntax():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from lcm_exp.study import search_space
+    from lcm_exp.tracking.study import search_space
 
     space, fixed = search_space(["optim.lr=tag(log, interval(1e-5, 1e-3))", "ema.decay=interval(0.9, 0.999)",
                                  "skip.k=range(5, 25, 5)", "loss=l2,huber", "trainer.max_steps=3",
@@ -59,7 +59,7 @@ def finish(workers: dict[Path, subprocess.Popen], timeout: float = 240) -> None:
 def load_study(cwd: Path):
     import optuna
 
-    from lcm_exp.study import open_storage
+    from lcm_exp.tracking.study import open_storage
 
     return optuna.load_study(study_name=STUDY, storage=open_storage("optuna-journal.log", cwd))
 
@@ -84,7 +84,7 @@ def test_two_workers_six_trials_killed_resumed_to_eight(tmp_path):
     from omegaconf import OmegaConf
     from optuna.trial import TrialState
 
-    from lcm_exp.study import OWNER, RETRY_OF, STALE, SURPLUS
+    from lcm_exp.tracking.study import OWNER, RETRY_OF, STALE, SURPLUS
 
     cache = tmp_path / "cache"
     # 1. two workers started together, one study, a budget of 6 trials

@@ -1,4 +1,4 @@
-"""Unit tests of lcm_exp.tracking: params, redaction, git tags, the non-blocking sender, errors, fail-fast."""
+"""Unit tests of lcm_exp.tracking.tracker: params, redaction, git tags, the non-blocking sender, errors, fail-fast."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from lcm_exp import tracking  # noqa: E402
-from lcm_exp.tracking import CUT_MARKER, MAX_PARAM_LEN, TrackingUnavailable, flatten  # noqa: E402
+from lcm_exp.tracking import tracker as tracking  # noqa: E402
+from lcm_exp.tracking.tracker import CUT_MARKER, MAX_PARAM_LEN, TrackingUnavailable, flatten  # noqa: E402
 from parts import part  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def test_credentials_in_uris_are_redacted():
 
 
 def test_git_tags_of_this_checkout_and_of_a_plain_folder(tmp_path):
-    from lcm_exp.provenance import git_tags
+    from lcm_exp.tracking.provenance import git_tags
 
     assert git_tags(tmp_path) == {}  # not a checkout: skipped, no error
     tags = git_tags()

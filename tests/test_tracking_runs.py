@@ -61,7 +61,7 @@ def test_joblib_sweep_is_one_parent_with_four_children(tmp_path, lcm_exp_cache):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
     assert len(children) == 4 and len(runs) == 5
     assert {(r.data.params["loss._target_"], r.data.params["ema.decay"]) for r in children} == \
-        {(f"lcm_exp.losses.{loss}", decay) for loss in ("l2", "huber") for decay in ("0.9", "0.95")}
+        {(f"lcm_exp.distill.losses.{loss}", decay) for loss in ("l2", "huber") for decay in ("0.9", "0.95")}
     for r in children:
         assert r.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [1, 2, 3]

@@ -141,7 +141,7 @@ def test_server_away_at_the_end_writes_a_local_store(mlflow_server, tmp_path, ca
     mlflow_server.stop()
     for step in range(2, 6):
         t.log_metrics({"train/loss": 1.0 / step}, step)
-    with caplog.at_level(logging.WARNING, logger="lcm_exp.tracking"):
+    with caplog.at_level(logging.WARNING, logger="lcm_exp.tracking.tracker"):
         t.end("FINISHED")
     local = "sqlite:///" + str((tmp_path / "mlflow-offline.db").resolve())
     assert t.fallback_uri == local

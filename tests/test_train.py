@@ -32,7 +32,7 @@ def test_run_tracks_checkpoints_and_resumes(tmp_path):
     client, (run,) = runs(tmp_path)
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["skip.k"] == "20" and p["loss._target_"] == "lcm_exp.losses.huber" and p["guidance.w_max"] == "9.0"
+    assert p["skip.k"] == "20" and p["loss._target_"] == "lcm_exp.distill.losses.huber" and p["guidance.w_max"] == "9.0"
     assert p["ema.decay"] == "0.95" and p["trainer.max_steps"] == "4"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]

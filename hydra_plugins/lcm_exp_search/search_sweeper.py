@@ -5,8 +5,8 @@ search resumes where it stopped.
 Thin by design, on Optuna's ask/tell and Hydra's launcher: each worker asks trials within the study's global
 budget (`n_trials`), launches them through the configured launcher (job number = trial number, so job folders
 and MLflow child runs stay distinct across workers) and tells their objective. The study's bookkeeping (storage,
-search space, budget, owners, dead workers' trials) is `lcm_exp.study`; the one MLflow parent run of a study is
-`lcm_exp.sweep_tracking.StudyParent`. Why not hydra-optuna-sweeper: 1.3 pins optuna < 3 (no working RDB storage
+search space, budget, owners, dead workers' trials) is `lcm_exp.tracking.study`; the one MLflow parent run of a study is
+`lcm_exp.tracking.sweeps.StudyParent`. Why not hydra-optuna-sweeper: 1.3 pins optuna < 3 (no working RDB storage
 under SQLAlchemy 2), 1.4's pre-releases need hydra-core 1.4 and do not share a study across processes.
 """
 # no `from __future__ import annotations`: Hydra runs this module before it is in sys.modules, where
@@ -44,7 +44,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="lcm_exp_search", node=
 
 
 class SearchSweeper(Sweeper):
-    owns_mlflow_parent = True  # one parent run per study, not per process (lcm_exp.sweep_tracking)
+    owns_mlflow_parent = True  # one parent run per study, not per process (lcm_exp.tracking.sweeps)
 
     def __init__(self, study_name: str, storage: str, direction: str, n_trials: int, n_jobs: int, sampler: Any,
                  params: Optional[DictConfig], heartbeat_s: float, stale_after_s: float) -> None:
@@ -59,8 +59,8 @@ class SearchSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> None:
-        from lcm_exp.study import Claims, open_storage, open_study, search_space
-        from lcm_exp.sweep_tracking import StudyParent
+        from lcm_exp.tracking.study import Claims, open_storage, open_study, search_space
+        from lcm_exp.tracking.sweeps import StudyParent
 
         space, fixed = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         direction = self.direction if self.direction != "auto" else self._objective_direction(fixed)
@@ -89,7 +89,7 @@ class SearchSweeper(Sweeper):
     def _run(self, study, claims, trials, space, fixed) -> None:
         """Suggests each trial's params, launches the trials, tells their objectives. A failed job is a FAIL
         trial; it then stops this worker with the job's error, as in any Hydra sweep."""
-        from lcm_exp.study import suggest
+        from lcm_exp.tracking.study import suggest
         from optuna.trial import TrialState
 
         jobs = []
@@ -152,7 +152,7 @@ class SearchSweeper(Sweeper):
 
     def _write_results(self, study) -> Optional[Path]:
         """`optimization_results.yaml` in the sweep folder: the study's best trial so far (all workers')."""
-        from lcm_exp.tracking import redact
+        from lcm_exp.tracking.tracker import redact
         from optuna.trial import TrialState
 
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -90,13 +90,13 @@ def cached_loader(batch_size: int, urls: str | None, resolution: int, num_sample
                   world_size: int = 1, teacher=None, state: dict | None = None, endless: bool = True):
     """`data=cached`: `data.urls` of precomputed shards, or (urls null) the shapes dataset precomputed once for
     this teacher into `data.cache_dir`."""
-    from . import EvalSource, shapes_source, stream_of
+    from .sources import EvalSource, shapes_source, stream_of
 
     source = None
     if not urls:
         if teacher is None:
             raise ValueError("data=cached without data.urls needs the teacher to precompute the shapes dataset")
-        from . import shapes_loader
+        from .sources import shapes_loader
 
         key = hashlib.sha1(json.dumps([str(teacher.path), num_samples, resolution, seed]).encode()).hexdigest()[:10]
         out = Path(cache_dir).expanduser() / f"cached-shapes-{key}"

@@ -40,8 +40,8 @@ class Teacher:
 
     @property
     def schedule(self):
-        """The noise schedule the LCD step, methods and solvers use (`lcm_exp.schedules`)."""
-        from ..schedules import VPSchedule
+        """The noise schedule the LCD step, methods and solvers use (`lcm_exp.distill.schedules`)."""
+        from ..distill.schedules import VPSchedule
 
         return VPSchedule(self.scheduler.alphas_cumprod, self.prediction_type)
 
@@ -130,7 +130,7 @@ class Teacher:
         """Step 1 of Alg. 1: (z = E(x)·scale, the caption conditions, the empty prompt's), on `device`; from the
         VAE posterior and the text embeddings a precomputed batch (`data=cached`) holds, or by encoding. The
         posterior's noise is drawn for the global batch, this rank's rows kept (`rows`: rank, ranks)."""
-        from ..lcd import global_randn
+        from ..distill.draws import global_randn
 
         micro = batch.get("micro_conditioning")  # SDXL: per-sample original size and crop coordinates
         if "latent_mean" in batch:

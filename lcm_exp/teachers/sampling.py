@@ -24,7 +24,7 @@ def initial_noise(teacher, n: int, seed: int, resolution: int) -> torch.Tensor:
 def sample_teacher(teacher, prompts: list[str], w: float, steps: int, latents: torch.Tensor,
                    solver: str = "ddim", batch: int = 64) -> torch.Tensor:
     """The teacher's samples (B, 3, H, W) in [-1, 1] with `solver` at `steps` steps and guidance w."""
-    from ..evaluation import pipeline_parts
+    from .pipelines import pipeline_parts
 
     parts, teacher_cls, _ = pipeline_parts(teacher)
     pipe = teacher_cls(unet=teacher.unet, scheduler=teacher.solver_scheduler(solver), **parts)

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from hydra.utils import instantiate
 
-    from ..paths import config_dir
+    from ..config import config_dir
     from .sampling import grid
 
     p = argparse.ArgumentParser(prog="lcm-exp-build-teacher", description=main.__doc__)

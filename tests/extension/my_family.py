@@ -14,8 +14,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from lcm_exp.lcd import boundary_scalings
-from lcm_exp.schedules import bcast
+from lcm_exp.distill.lcd import boundary_scalings
+from lcm_exp.distill.schedules import bcast
 from lcm_exp.teachers import Teacher
 from lcm_exp.teachers.tiny_random import load
 
@@ -26,7 +26,7 @@ def _s(t, num_train_timesteps: int) -> torch.Tensor:
 
 
 class FlowSchedule:
-    """The family's schedule in lcm_exp's interface (`lcm_exp.schedules`): α = 1 − s, σ = s, velocity output."""
+    """The family's schedule in lcm_exp's interface (`lcm_exp.distill.schedules`): α = 1 − s, σ = s, velocity output."""
 
     def __init__(self, num_train_timesteps: int):
         self.num_train_timesteps = num_train_timesteps

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lcm_exp.methods import Distillation
+from lcm_exp.distill.methods import Distillation
 from lcm_exp.students import Student, full
 
 
