@@ -26,10 +26,19 @@ def _main(config_name: str, task, config_path: str | None = None):
 
     if config_name == "config":
         register_sweeps()
+    code = 1
     try:
-        return hydra.main(version_base="1.3", config_path=config_path or config_dir(), config_name=config_name)(task)()
+        result = hydra.main(version_base="1.3", config_path=config_path or config_dir(), config_name=config_name)(task)()
+        code = 0
+        return result
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
     finally:
         _end_processes()
+        from .launch import worker_exit
+
+        worker_exit(code)  # (under lcm-exp-launch: the status it exits with)
 
 
 def _end_processes() -> None:
@@ -90,10 +99,9 @@ def _config_error(e: BaseException | None):
 
 
 def _single_run() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    from .runner import single_run
 
-    return not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
+    return single_run()
 
 
 def train():

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .train import checkpoint as ckpt
+from .train import ranks, resume
 from .config import validate
 from .data import stream_of
 from .distill.ema import OnlineTarget
@@ -22,6 +23,14 @@ from .tracking.provenance import run_tags
 from .evaluation.validation import Validator
 
 log = logging.getLogger(__name__)
+
+
+def single_run() -> bool:
+    """Whether this is a single run (`lcm-exp ...`), not a job of a multirun sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
 
 
 def hydra_dirs() -> tuple[Path, Path]:
@@ -71,7 +80,7 @@ def build(cfg: DictConfig, trainer) -> Parts:
               teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
               batched_cfg=trainer.batched_cfg, teacher_first=trainer.teacher_first, method=method)
     optim = instantiate(cfg.optim)(params=student.trainable_parameters())
-    return Parts(teacher, student, ema, lcd, optim, optim.schedule(trainer.max_steps, acc.num_processes))
+    return Parts(teacher, student, ema, lcd, optim, optim.schedule(trainer.max_steps))
 
 
 @dataclass
@@ -88,6 +97,7 @@ class Job:
     exporter: object
     candidates: list
     keep: dict
+    data: object = None  # (the batches, once training starts: a checkpoint records where they are)
 
 
 def run(cfg: DictConfig) -> float:
@@ -99,11 +109,11 @@ def run(cfg: DictConfig) -> float:
     with SignalGuard() as guard:
         with guard.deferred():  # (a signal while the run is set up: noted, and acted on once it is)
             job = start(cfg)
-        status, error, data = "FAILED", None, None
+        status, error = "FAILED", None
         try:
             guard.check()
             parts = build(cfg, job.trainer)
-            data, stream = train(job, parts, guard)
+            stream = train(job, parts, guard)
             objective = finish(job, parts, stream)
             status = "FINISHED"
             log.info("run %s finished at step %d; objective %.6g", job.tracker.run_id, job.trainer.global_step,
@@ -112,7 +122,7 @@ def run(cfg: DictConfig) -> float:
         except BaseException as e:
             error, status = e, "KILLED" if isinstance(e, Preempted) else "FAILED"
             with guard.deferred():  # (a second signal must not cut this save short)
-                save_what_is_done(job.trainer, data, job.keep)
+                save_what_is_done(job.trainer, job.data, job.keep)
                 if isinstance(e, Preempted):
                     job.tracker.set_tags({"lcm_exp.preempted": "true", "lcm_exp.preempted_by": e.signame,
                                           "lcm_exp.preempted_at_step": str(job.trainer.global_step)})
@@ -133,8 +143,13 @@ def start(cfg: DictConfig) -> Job:
     if not acc.is_main_process:
         logging.getLogger("lcm_exp").setLevel(logging.WARNING)
     evaluator, exporter = instantiate(cfg.eval)(device=acc.device), instantiate(cfg.export)
-    # (a job submitit requeued after a preemption resumes from its own folder by itself)
-    candidates = ckpt.find(trainer.resume or ("job" if under_submitit() else None), cfg, start_dir, out_dir)
+    # (a job submitit requeued after a preemption resumes from its own folder by itself); rank 0 chooses for all
+    how = trainer.resume or ("job" if under_submitit() else None)
+    found = ranks.rank0s(acc, resume.find(how, cfg, start_dir, out_dir, multirun=not single_run())
+                         if acc.is_main_process else None)
+    found.check(trainer.resume_mismatch, f"trainer.resume={trainer.resume}" if trainer.resume else
+                "a requeued job's resume")
+    candidates = found.candidates
     resumed = ckpt.read_state(candidates[0]) if candidates else {}
     tracker = instantiate(cfg.tracking, start_dir=str(start_dir))
     tracker.enabled = tracker.enabled and acc.is_main_process
@@ -143,22 +158,26 @@ def start(cfg: DictConfig) -> Job:
     tracker.start({**OmegaConf.to_container(cfg, resolve=True), "world_size": acc.num_processes}, tags=tags,
                   run_id=resumed.get("mlflow_run_id"))
     if resumed:  # a continued run keeps its tags; these may have changed
-        tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective",
+        tracker.set_tags({k: tags[k] for k in ("lcm_exp.output_dir", "lcm_exp.objective", "lcm_exp.world_size",
                                                "lcm_exp.objective_direction")} | {"lcm_exp.preempted": "false"})
+    if found.differs:  # (trainer.resume_mismatch=continue)
+        tracker.set_tags({"lcm_exp.resumed_with_changes": "; ".join(found.differs)[:5000]})
     log_config(tracker, cfg, out_dir)
-    keep = {"config_key": ckpt.config_key(cfg), "config": ckpt.trajectory_config(cfg), "mlflow_run_id": tracker.run_id}
+    keep = {"config_key": resume.config_key(cfg), "config": resume.trajectory_config(cfg),
+            "mlflow_run_id": tracker.run_id}
     return Job(cfg, start_dir, out_dir, trainer, tracker, evaluator, exporter, candidates, keep)
 
 
 def train(job: Job, parts: Parts, guard: SignalGuard):
     """Prepares the parts, resumes, and trains to `trainer.max_steps` (validating every
-    `trainer.validation_every` steps); returns (the batches, their stream). With several processes the end of
-    training is checkpointed by all of them (a failure after it, on rank 0 alone, could not save it)."""
+    `trainer.validation_every` steps); returns the data stream. With several processes the end of training is
+    checkpointed by all of them (a failure after it, on rank 0 alone, could not save it)."""
     trainer, acc, student, ema = job.trainer, job.trainer.accelerator, parts.student, parts.ema
     trainer.prepare(parts.lcd, student, ema, parts.optim.optimizer, parts.scheduler)
     state = trainer.resume_from(job.candidates)
-    data = instantiate(job.cfg.data)(batch_size=trainer.rank_batch_size, rank=acc.process_index,
-                                     world_size=acc.num_processes, teacher=parts.teacher, state=state.get("data"))
+    data = job.data = instantiate(job.cfg.data)(batch_size=trainer.rank_batch_size, rank=acc.process_index,
+                                                world_size=acc.num_processes, teacher=parts.teacher,
+                                                state=state.get("data"))
     stream = stream_of(data)
     job.validator = Validator(parts.teacher, student, ema.target, num_steps=parts.lcd.skip.num_steps,
                               resolution=stream.resolution, out_dir=job.out_dir, tracker=job.tracker,
@@ -176,7 +195,7 @@ def train(job: Job, parts: Parts, guard: SignalGuard):
     if acc.num_processes > 1 and trainer.saved_step != trainer.global_step:
         with guard.deferred():
             trainer.save_checkpoint(data, job.keep)
-    return data, stream
+    return stream
 
 
 def finish(job: Job, parts: Parts, stream) -> float:

@@ -90,3 +90,15 @@ def final_weights(cwd) -> dict[str, torch.Tensor]:
 
 def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_every_weight_close(a: dict, b: dict, most: float = 1e-6, bound: float = 2e-3, share: float = 1e-3) -> None:
+    """Every parameter of two runs' weights agrees: for each tensor, at most `share` of its elements differ by more
+    than `most`, and none by more than `bound`. (AdamW's first steps move a weight whose gradient is ~0 by
+    about ±lr whichever way float rounding tips it, so a few elements may differ by a few lr; a real
+    difference moves most elements.)"""
+    assert a.keys() == b.keys()
+    for k in a:
+        d = (a[k].float() - b[k].float()).abs()
+        assert d.max().item() <= bound, (k, d.max().item())
+        assert (d > most).float().mean().item() <= share, (k, (d > most).float().mean().item())

@@ -36,6 +36,12 @@ def inputs(tmp_path_factory):
                 if key:
                     sample[key] = f"a gray square number {i}"
                 w.write(sample)
+    (root / "img2dataset").mkdir()
+    with wds.TarWriter(str(root / "img2dataset" / "shard-00000.tar")) as w:
+        for i in range(8):
+            w.write({"__key__": f"{i:09d}", "jpg": png(), "txt": f"a gray square number {i}", "json": json.dumps(
+                {"url": f"http://example.com/{i}.jpg", "caption": "a gray square", "original_width": 40,
+                 "original_height": 40, "status": "success"}).encode()})
     from lcm_exp.teachers.tiny_layouts import build
 
     sd15 = build("sd15", root / "sd15")
@@ -58,8 +64,15 @@ CASES = [
     (["teacher=sd15", "teacher.pretrained={root}/novae"], 2, ["not a complete diffusers pipeline folder",
                                                                "vae missing"]),
     (["teacher=sd15", "teacher.pretrained={root}/nowhere"], 2, ["no such folder"]),
-    (["trainer.resume={checkpoint}", "skip.k=10"], 2, ["checkpoint of another configuration",
-                                                        "skip.k: 20 -> 10"]),
+    (["trainer.resume={checkpoint}", "skip.k=10"], 2, ["was trained with another configuration",
+                                                        "skip.k: 20 -> 10", "trainer.resume_mismatch=continue"]),
+    (["tracking.uri=http://127.0.0.1:9"], 2, ["Cannot reach the MLflow tracking store http://127.0.0.1:9",
+                                              "tracking.enabled=false"]),
+    # img2dataset's json has original_width/original_height and no aesthetic score: the filter rejects all
+    (["data=webdataset", "data.urls={root}/img2dataset/shard-00000.tar", "data.resolution=32",
+      "data.min_aesthetic=5", "data.num_workers=0"], 2,
+     ["rejected every one of the first 1,000 samples read", "data.min_aesthetic=5.0: no aesthetic score in its json",
+      "original_height, original_width"]),
     (["trainer.resume={root}/nowhere/checkpoint-3"], 2, ["no checkpoint there"]),
     (["data=webdataset"], 2, ["data.urls must be set", "/data/laion/{{00000..00099}}.tar"]),
     (["data=webdataset", "data.urls={root}/nocaption/shard-00000.tar", "data.resolution=32"], 2,

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lcm_exp.bench import reference as reference_module
-from lcm_exp.bench.measure import ABLATIONS, Ours, Reference, ablations, count_flops, inert, variant
+from lcm_exp.bench.measure import ABLATIONS, Ours, ReferencePath, ablations, count_flops, inert, variant
 from lcm_exp.config import config_dir
 
 
@@ -37,23 +37,23 @@ def test_reference_and_ours_compute_the_same_loss(tmp_path, monkeypatch, loss):
     batch = batch_of(cfg)
     ours = Ours(cfg, batch)
     initial = {k: v.clone() for k, v in ours.parts.student.unet.state_dict().items()}
-    ref = Reference(cfg, ours.parts.student.unet, batch, ours.trainer.accelerator)
+    ref = ReferencePath(cfg, ours, batch)
     # the same networks, loaded separately: the teacher from the config, the student copied before any step
-    teacher_ours, teacher_ref = ours.parts.teacher.unet.state_dict(), ref.teacher.unet.state_dict()
+    teacher_ours, teacher_ref = ours.parts.teacher.unet.state_dict(), ref.ref.teacher.unet.state_dict()
     assert all(torch.equal(teacher_ours[k], teacher_ref[k]) for k in teacher_ours)
-    loss_ref = ref.step(torch.Generator().manual_seed(7))
-    loss_ours = ours.step(torch.Generator().manual_seed(7))
+    loss_ref = ref.step(7)
+    loss_ours = ours.step(7)
     assert loss_ref.item() > 0
     torch.testing.assert_close(loss_ours, loss_ref, rtol=1e-4, atol=1e-7)
     # and both then trained the student the same way: equal gradients made equal AdamW first steps (an AdamW
     # first step is about lr·sign(g), so a gradient element within rounding of 0 may step either way: 0.1% may)
-    after_ours, after_ref = ours.parts.student.unet.state_dict(), ref.unet.state_dict()
+    after_ours, after_ref = ours.parts.student.unet.state_dict(), ref.ref.unet.state_dict()
     moved = [k for k in after_ours if not torch.equal(after_ours[k], initial[k])]
     assert len(moved) > 0.5 * len(after_ours)
     differ = sum(int((~torch.isclose(after_ours[k], after_ref[k], rtol=1e-4, atol=1e-7)).sum()) for k in moved)
     assert differ <= 1e-3 * sum(after_ours[k].numel() for k in moved)
     ours.parts.student.unet.load_state_dict(initial)
-    loss_other_seed = ours.step(torch.Generator().manual_seed(8))
+    loss_other_seed = ours.step(8)
     assert abs(loss_other_seed.item() - loss_ref.item()) > 1e-6  # the comparison is not vacuous
 
 
@@ -66,8 +66,8 @@ def test_cached_batches_give_ours_the_same_loss(tmp_path, monkeypatch):
     batch = batch_of(cfg)
     ours = Ours(cfg, batch)
     assert "latent_mean" in ours.batch and "pixels" not in ours.batch
-    ref = Reference(cfg, ours.parts.student.unet, batch, ours.trainer.accelerator)
-    torch.testing.assert_close(ours.step(torch.Generator().manual_seed(3)), ref.step(torch.Generator().manual_seed(3)),
+    ref = ReferencePath(cfg, ours, batch)
+    torch.testing.assert_close(ours.step(3), ref.step(3),
                                rtol=1e-4, atol=1e-7)
 
 
@@ -84,8 +84,8 @@ def test_ours_is_the_method_the_config_names(tmp_path, monkeypatch):
     calls = []
     teacher_forward = ours.parts.teacher.unet.forward
     ours.parts.teacher.unet.forward = lambda *a, **k: calls.append(1) or teacher_forward(*a, **k)
-    ref = Reference(cfg, ours.parts.student.unet, batch, ours.trainer.accelerator)
-    loss_ct, loss_lcd = ours.step(torch.Generator().manual_seed(5)), ref.step(torch.Generator().manual_seed(5))
+    ref = ReferencePath(cfg, ours, batch)
+    loss_ct, loss_lcd = ours.step(5), ref.step(5)
     assert not calls  # consistency training never runs the teacher's UNet
     assert abs(loss_ct.item() - loss_lcd.item()) > 1e-6
 
@@ -127,7 +127,7 @@ def test_flops_count_the_reference_s_extra_passes(tmp_path, monkeypatch):
     cfg = compose_bench(f"data.cache_dir={tmp_path}")
     batch = batch_of(cfg)
     ours = Ours(cfg, batch)
-    ref = Reference(cfg, ours.parts.student.unet, batch, ours.trainer.accelerator)
+    ref = ReferencePath(cfg, ours, batch)
     assert 0 < count_flops(ours, 1) < count_flops(ref, 1)
 
 

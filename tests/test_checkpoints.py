@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from lcm_exp.train import checkpoint as ckpt
+from lcm_exp.train.resume import find, trajectory_config
 
 
 class NoTracker:
@@ -37,7 +38,7 @@ def fit(tmp_path, *overrides):
     parts = build(cfg, trainer)
     trainer.prepare(parts.lcd, parts.student, parts.ema, parts.optim.optimizer, parts.scheduler)
     data = instantiate(cfg.data)(batch_size=2, teacher=parts.teacher)
-    trainer.fit(parts.teacher, data, NoTracker(), max_grad_norm=1.0, state={"config_key": ckpt.config_key(cfg)})
+    trainer.fit(parts.teacher, data, NoTracker(), max_grad_norm=1.0, state={"config": trajectory_config(cfg)})
     return trainer
 
 
@@ -71,8 +72,8 @@ def test_manifest_catches_damage_and_interrupted_saves_are_cleared(tmp_path):
     assert ckpt.problem(two) is None
     (two / "optimizer.bin").unlink()
     assert ckpt.problem(two) == "optimizer.bin is missing"
-    (one / "scheduler.bin").write_bytes(b"x")
-    assert "scheduler.bin has 1 bytes" in ckpt.problem(one)
+    (one / "rank_state_0.json").write_bytes(b"x")
+    assert "rank_state_0.json has 1 bytes" in ckpt.problem(one)
     assert ckpt.usable([one, two]) == []
     leftover = ckpt.temporary(trainer.checkpoint_dir, 3)
     leftover.mkdir()
@@ -128,14 +129,13 @@ def test_latest_is_the_newest_written_not_the_highest_step(tmp_path):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"trainer": {"max_steps": 1}, "skip": {"k": 20}})
-    key = ckpt.config_key(cfg)
     for run, step, when in (("old", 30, 1000.0), ("new", 10, 2000.0)):
         folder = tmp_path / "outputs" / run / "checkpoints" / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / ckpt.STATE_FILE).write_text(__import__("json").dumps({"step": step, "config_key": key,
-                                                                        "time": when, "files": {}}))
-    found = ckpt.find("latest", cfg, tmp_path, tmp_path / "outputs" / "new")
-    assert [p.parent.parent.name for p in found] == ["new", "old"]
+        (folder / ckpt.STATE_FILE).write_text(__import__("json").dumps({
+            "step": step, "config": trajectory_config(cfg), "time": when, "files": {}}))
+    found = find("latest", cfg, tmp_path, tmp_path / "outputs" / "new")
+    assert [p.parent.parent.name for p in found.candidates] == ["new", "old"] and found.differs == []
 
 
 def test_a_complete_save_cut_between_its_renames_is_restored(tmp_path):

@@ -19,7 +19,7 @@ LAYERS = [
     ["lcm_exp.evaluation"],
     ["lcm_exp.export"],
     ["lcm_exp.runner"],
-    ["lcm_exp.bench", "lcm_exp.cli", "lcm_exp.__main__"],
+    ["lcm_exp.bench", "lcm_exp.cli", "lcm_exp.__main__", "lcm_exp.launch"],
 ]
 
 

@@ -108,12 +108,16 @@ def test_consistency_training_target_is_the_closed_form():
     skip = SkipSchedule(20, 1000)
     lcd = LCD(student=student, target=target, teacher=no_teacher, schedule=VPSchedule(ac, "epsilon"), solver=None,
               skip=skip, guidance=UniformGuidance(3, 3), distance=l2, method=ConsistencyTraining(from_scratch=False))
+    from lcm_exp.distill.draws import Draws, row_seed
+
     x0 = torch.randn(3, 4, 8, 8)
-    g = torch.Generator().manual_seed(7)
-    loss = lcd.loss(x0, {}, {}, g)
-    g = torch.Generator().manual_seed(7)  # replay the draws: (t_{n+k}, t_n), then ε
-    t, t_prev = skip.sample(3, g)
-    eps = torch.randn(x0.shape, generator=g)
+    loss = lcd.loss(x0, {}, {}, Draws(7, 0, range(3)))
+    t, t_prev, eps = [], [], []
+    for row in range(3):  # replay each row's draws from its own generator: (t_{n+k}, t_n), then ε
+        g = torch.Generator().manual_seed(row_seed(7, 0, row))
+        pair = skip.sample(1, g)
+        t.append(pair[0]), t_prev.append(pair[1]), eps.append(torch.randn(x0.shape[1:], generator=g))
+    t, t_prev, eps = torch.cat(t), torch.cat(t_prev), torch.stack(eps)
     a, ap = ac[t].view(-1, 1, 1, 1), ac[t_prev].view(-1, 1, 1, 1)
     (z_online, t_online), = student.seen
     (z_target, t_target), = target.seen

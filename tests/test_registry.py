@@ -144,8 +144,11 @@ def test_full_student_registered_predicts_and_serves(tmp_path, cache, store):
     assert not np.array_equal(images, other)
 
     # an image depends on its prompt and the seed, not on the rest of the batch
+    # (to one 8-bit level: a CPU's batched matmuls round by the batch's size; another seed moves it far more)
     alone = decode(model.predict(pd.DataFrame({"prompt": PROMPTS[1:]}), params={"num_inference_steps": 2})["image"])
-    assert np.array_equal(alone[0], images[1])
+    diff = np.abs(alone[0].astype(int) - images[1].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+    assert np.abs(other[1].astype(int) - images[1].astype(int)).mean() > 1
 
     # the REST server answers the same request with the same images
     resp = serve_and_post("models:/tiny-lcm/1", tmp_path, {"dataframe_records": [{"prompt": p} for p in PROMPTS],

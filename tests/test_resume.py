@@ -125,11 +125,13 @@ def test_every_data_source_resumes_exactly(tmp_path, shards, kind):
     assert same_weights(final_weights(cut), final_weights(ref))
 
 
-def test_changed_shard_list_resumes_and_says_it_is_not_exact(tmp_path, shards):
+def test_changed_shard_list_stops_or_resumes_when_asked_and_says_it_is_not_exact(tmp_path, shards):
     args = [*TINY, "trainer.checkpoint_every=1", "data=webdataset", "data.resolution=32", "data.num_workers=0"]
     lcm_exp([*args, f"data.urls='{shards}'", "trainer.max_steps=2"], tmp_path)
-    r = lcm_exp([*args, "data.urls='{}'".format(shards.replace("00003", "00002")), "trainer.max_steps=3",
-                 "trainer.resume=latest"], tmp_path)
+    other = ["data.urls='{}'".format(shards.replace("00003", "00002")), "trainer.max_steps=3", "trainer.resume=latest"]
+    r = lcm_exp([*args, *other], tmp_path, expect=2)
+    assert "was trained with another configuration: data.urls: 4 shards" in r.stderr
+    r = lcm_exp([*args, *other, "trainer.resume_mismatch=continue"], tmp_path)
     assert "at step 2" in r.stdout
     notes = [line for line in r.stdout.splitlines() if "cannot resume exactly" in line]
     assert len(notes) == 1 and "data.urls lists other shards than the checkpoint's" in notes[0]
@@ -203,3 +205,78 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path, shards):
     assert run.info.status == "FINISHED" and sorted(history) == list(range(1, 11))
     assert {s: v for s, v in history.items() if v != ref_history[s]} == {}
     assert same_weights(final_weights(cut), final_weights(ref))
+
+
+# ------------------------------------------------------------------------------- what a resume keeps (issue 26)
+def test_speed_and_placement_switches_keep_the_checkpoint_and_a_real_change_stops(tmp_path):
+    """Turning on activation checkpointing after an OOM, another attention kernel, more loader workers, the
+    teacher cache elsewhere: the same trajectory, resumed. A changed learning rate: exit 2 naming the key, and
+    resumed (tagged) only when asked."""
+    args = [*TINY, "trainer.checkpoint_every=2"]
+    lcm_exp([*args, "trainer.max_steps=2"], tmp_path)
+    switches = ["trainer.gradient_checkpointing=true", "trainer.attention=sdpa", "data.num_workers=1",
+                "trainer.channels_last=true", "trainer.batched_cfg=false", "trainer.max_steps=3"]
+    r = lcm_exp([*args, *switches, "trainer.resume=latest"], tmp_path)
+    assert "resumed from" in r.stdout and "at step 2" in r.stdout
+    r = lcm_exp([*args, "trainer.max_steps=4", "optim.lr=3e-5", "trainer.resume=latest"], tmp_path, expect=2)
+    assert "optim.lr: 0.0001 -> 3e-05" in r.stderr and "trainer.resume_mismatch=continue" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = lcm_exp([*args, "trainer.max_steps=4", "optim.lr=3e-5", "trainer.resume=latest",
+                 "trainer.resume_mismatch=continue"], tmp_path)
+    assert "at step 3" in r.stdout
+    history, run = loss_history(tmp_path)
+    assert sorted(history) == [1, 2, 3, 4] and run.data.tags["lcm_exp.resumed_with_changes"] == (
+        "optim.lr: 0.0001 -> 3e-05")
+
+
+def test_sigterm_while_waiting_for_data_checkpoints_the_last_step(tmp_path):
+    """A stream that stalls (a piped shard that stops sending after its 10th sample: steps 1 and 2 take 8, the
+    next one waits): SIGTERM while the run waits for its batch checkpoints the last finished step and exits 75
+    at once."""
+    import io
+    import os
+    import subprocess
+    import tarfile
+    import time
+
+    import webdataset as wds
+    from PIL import Image
+
+    from jobs import ENV, command
+
+    shard = tmp_path / "slow-00000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i in range(20):  # (30 KB each: the reader's 10 KB reads never wait for the sample after the one it needs)
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (10 * i, 100, 50)).save(buf, format="PNG")
+            w.write({"__key__": f"{i:03d}", "png": buf.getvalue(), "txt": f"square {i}", "pad": os.urandom(30_000)})
+    cut = tarfile.open(shard).getmembers()[3 * 10].offset  # (10 whole samples of 3 members each)
+    stalled = f"pipe:exec 2>/dev/null; head -c {cut} {shard}; sleep 600"  # (the shell must not hold our stderr)
+    args = [*TINY, "data=webdataset", f"data.urls='{stalled}'", "data.resolution=32", "data.lanes=1",
+            "data.shuffle_buffer=1", "trainer.max_steps=50"]
+    p = subprocess.Popen(command(args), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if " - step 2/" in line:
+                break
+        time.sleep(5)  # (waiting for step 3's batch, which never comes)
+        p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        out = "".join(lines) + p.communicate(timeout=60)[0]
+        took = time.monotonic() - t0
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # (the shell still sleeping in the pipe)
+    assert p.returncode == 75, out[-3000:]
+    assert "preempted by SIGTERM at step 2" in out and " - step 3/" not in out
+    assert list(tmp_path.glob("outputs/*/*/checkpoints/checkpoint-2"))
+    assert took < 30, took  # (within a grace window: the stalled loader worker is killed, not waited for)
+
+
+def test_progress_bar_auto_draws_nothing_into_a_log_file(tmp_path):
+    r = lcm_exp([*TINY, "trainer.max_steps=3", "trainer.progress_bar=auto"], tmp_path)  # (output to a pipe)
+    assert "%|" not in r.stderr and "step/s" not in r.stderr and "s/step" not in r.stderr  # (tqdm's marks)
+    r = lcm_exp([*TINY, "trainer.max_steps=3", "trainer.progress_bar=true"], tmp_path)  # (forced: drawn)
+    assert "%|" in r.stderr

@@ -112,6 +112,19 @@ def artifact_paths(client, run_id, path=None):
 
 
 @pytest.mark.slow
+def test_one_process_sweeps_any_key_mixed_precision_included(tmp_path, cache):
+    """Hydra's basic launcher runs every job in one process: accelerate's process-wide state is reset between
+    jobs, so a sweep over trainer.mixed_precision (and trainer.cpu) finishes both jobs."""
+    rc, out, _ = lcm_exp(["-m", "trainer.mixed_precision=no,bf16", "trainer.cpu=true,false", *TINY,
+                          "trainer.max_steps=1"], tmp_path, cache)
+    assert rc == 0, out[-3000:]
+    _, _, children = store(tmp_path)
+    assert sorted((r.data.params["trainer.mixed_precision"], r.data.params["trainer.cpu"]) for r in children) == [
+        ("bf16", "False"), ("bf16", "True"), ("no", "False"), ("no", "True")]
+    assert all(r.info.status == "FINISHED" for r in children), out[-3000:]
+
+
+@pytest.mark.slow
 def test_joblib_sweep_then_report(tmp_path, cache):
     # +sweep=skip_k alone makes it a multirun (hydra.mode from the config group); the command line narrows k
     rc, out, _ = lcm_exp(["+sweep=skip_k", *TINY, *TINY_EVAL, "skip.k=10,20", "loss=l2,huber",

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..runner import build
+from ..distill.draws import Draws
 from .reference import Reference
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,29 @@ class Ours:
         tensors = [t for m in nets for t in m.parameters()] + list(getattr(p.ema, "owned_tensors", list)())
         return tensors + [t for st in self.trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
 
-    def step(self, generator: torch.Generator) -> torch.Tensor:
-        return self.trainer.step(self.parts.teacher, self.batch, generator, self.parts.optim.max_grad_norm)[0]
+    def step(self, i: int) -> torch.Tensor:
+        """Step `i`: its draws are `draws(i)`'s, as the reference's."""
+        return self.trainer.step(self.parts.teacher, self.batch, draws(i, self.cfg), self.parts.optim.max_grad_norm)[0]
+
+
+class ReferencePath:
+    """The reference step (`reference.py`) with step `i`'s per-row generators."""
+
+    name = "reference"
+
+    def __init__(self, cfg: DictConfig, ours: Ours, batch: dict):
+        self.cfg, self.ref = cfg, Reference(cfg, ours.parts.student.unet, batch, ours.trainer.accelerator)
+
+    def own(self) -> list:
+        return self.ref.own()
+
+    def step(self, i: int) -> torch.Tensor:
+        return self.ref.step(draws(i, self.cfg).generators)
+
+
+def draws(i: int, cfg: DictConfig) -> Draws:
+    """Step i's draws: a generator per row of the batch, seeded by (trainer.seed, i, row)."""
+    return Draws(int(cfg.trainer.seed), i, range(int(cfg.trainer.batch_size)))
 
 
 def ablations(names) -> dict[str, list[str]]:
@@ -95,12 +117,12 @@ def inert(name: str, cfg: DictConfig) -> str | None:
     return None
 
 
-def count_flops(path, seed: int) -> int:
+def count_flops(path, i: int) -> int:
     """Model FLOPs of one step (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        path.step(torch.Generator().manual_seed(seed))
+        path.step(i)
     return counter.get_total_flops()
 
 
@@ -109,13 +131,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_round: int):
+def time_interleaved(paths, device, warmup: int, rounds: int, steps_per_round: int):
     """Each path's mean step time in each round (s) and, on CUDA, its peak memory (bytes, the other paths'
     resident tensors taken out): the paths take turns, `steps_per_round` steps each, in alternating order, after
-    `warmup` steps each."""
-    for _ in range(warmup):
+    `warmup` steps each. Every path takes the same steps' draws."""
+    for i in range(warmup):
         for p in paths:
-            p.step(gen)
+            p.step(i)
     times, peak = {p.name: [] for p in paths}, {p.name: 0 for p in paths}
     for r in range(rounds):
         for p in (paths if r % 2 == 0 else paths[::-1]):  # alternate the order: drift hits all alike
@@ -123,8 +145,8 @@ def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_rou
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             t0 = time.perf_counter()
-            for _ in range(steps_per_round):
-                p.step(gen)
+            for i in range(steps_per_round):
+                p.step(warmup + r * steps_per_round + i)
             _sync(device)
             times[p.name].append((time.perf_counter() - t0) / steps_per_round)
             if device.type == "cuda":
@@ -133,7 +155,7 @@ def time_interleaved(paths, device, gen, warmup: int, rounds: int, steps_per_rou
     return times, peak
 
 
-def cpu_peaks(paths, gen) -> dict:
+def cpu_peaks(paths, i: int) -> dict:
     """Linux, CPU: each path's resident tensors plus how far one of its steps raises the process's peak RSS
     above its resting RSS (freed heap trimmed and the mark reset before each)."""
     out = {}
@@ -145,7 +167,7 @@ def cpu_peaks(paths, gen) -> dict:
             rest = _proc_status("VmRSS")
         except (OSError, AttributeError):
             return {}
-        p.step(gen)
+        p.step(i)
         out[p.name] = _bytes(p.own()) + _proc_status("VmHWM") - rest
     return out
 
@@ -162,16 +184,15 @@ def run_bench(cfg: DictConfig) -> dict:
     batch = next(iter(instantiate(cfg.data)(batch_size=cfg.trainer.batch_size)))
     ours = Ours(cfg, batch)
     device = ours.trainer.accelerator.device
-    paths = [Reference(cfg, ours.parts.student.unet, batch, ours.trainer.accelerator), ours]
+    paths = [ReferencePath(cfg, ours, batch), ours]
     for n, overrides in ablations(b.ablate).items():
         if why := inert(n, cfg):
             log.info("bench.ablate: nothing to time without %s here: %s", n, why)
             continue
         paths.append(Ours(variant(cfg, overrides), batch, name=f"without_{n}"))
-    gen = torch.Generator().manual_seed(0)
-    times, peak = time_interleaved(paths, device, gen, b.warmup, b.rounds, b.steps_per_round)
+    times, peak = time_interleaved(paths, device, b.warmup, b.rounds, b.steps_per_round)
     if device.type == "cpu" and sys.platform.startswith("linux"):
-        peak = cpu_peaks(paths, gen) or peak
+        peak = cpu_peaks(paths, 0) or peak
     flops = {p.name: count_flops(p, 1) for p in paths[:2]} if b.flops else {}
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "batch_size": int(cfg.trainer.batch_size), "resolution": int(cfg.data.resolution),

@@ -3,7 +3,8 @@ a full student with the w embedding), written here the way the script writes it 
 lcm_exp's step: the VAE, the tokenizer and the text encoder every step, two teacher passes, the teacher and the
 target in fp32 (autocast does the casting), torch's default AdamW, a per-parameter EMA loop. Its helpers are
 the script's formulas, each written out below. It draws its random numbers in the order ours does (posterior,
-timestep index, ε, ω), so from equal weights the two compute the same loss (tests/test_bench.py)."""
+timestep index, ε, ω), each row from its own generator as ours does (diffusers' `latent_dist.sample` takes one
+generator per row), so from equal weights the two compute the same loss (tests/test_bench.py)."""
 from __future__ import annotations
 
 import math
@@ -81,23 +82,27 @@ class Reference:
         return [p for m in self.modules() for p in m.parameters()] + [
             t for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
 
-    def step(self, generator: torch.Generator) -> torch.Tensor:
+    def step(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """One step; `generators`: one per row of the batch."""
         acc, teacher, ac = self.acc, self.teacher, self.alphas_cumprod
         device = self.pixels.device
+
+        def per_row(draw):
+            return torch.cat([draw(g) for g in generators])
+
         with acc.autocast():
-            latents = teacher.vae.encode(self.pixels).latent_dist.sample(generator=generator)
+            latents = teacher.vae.encode(self.pixels).latent_dist.sample(generator=list(generators))
             latents = latents * teacher.vae.config.scaling_factor
             prompt_embeds = teacher.text_encoder(self.tokenize(self.captions))[0]  # the script's encode_prompt
-            bsz = latents.shape[0]
-            index = torch.randint(0, len(self.ddim_timesteps), (bsz,), generator=generator).to(device)
+            index = per_row(lambda g: torch.randint(0, len(self.ddim_timesteps), (1,), generator=g)).to(device)
             start = self.ddim_timesteps[index]
             end = (start - self.k).clamp(min=0)
             c_skip_start, c_out_start = boundary(start)
             c_skip, c_out = boundary(end)
-            noise = torch.randn(latents.shape, generator=generator).to(device)
+            noise = per_row(lambda g: torch.randn((1, *latents.shape[1:]), generator=g)).to(device)
             a = ac[start].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-            w = (self.w_min + (self.w_max - self.w_min) * torch.rand(bsz, generator=generator)).to(device)
+            w = (self.w_min + (self.w_max - self.w_min) * per_row(lambda g: torch.rand(1, generator=g))).to(device)
             w_emb = w_embedding(w, self.unet.config.time_cond_proj_dim)
             w = w.view(-1, 1, 1, 1)
             out = self.unet(noisy, start, timestep_cond=w_emb, encoder_hidden_states=prompt_embeds).sample

@@ -77,16 +77,17 @@ def collate(items) -> dict:
             "captions": [s[3] for s in items]}
 
 
-def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 1000, rank: int = 0,
-           world_size: int = 1, resampled: bool = True, num_workers: int = 0, state: dict | None = None):
+def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 16, rank: int = 0,
+           world_size: int = 1, resampled: bool = False, num_workers: int = 0, state: dict | None = None,
+           lanes: int | None = None):
     """An endless, resumable stream of cached batches (`lcm_exp.data.stream`)."""
     return batches(ShardStream(urls, decode, collate, batch_size, seed=seed, rank=rank, world_size=world_size,
-                               shuffle_buffer=shuffle_buffer, resampled=resampled, resolution=resolution,
+                               lanes=lanes, shuffle_buffer=shuffle_buffer, resampled=resampled, resolution=resolution,
                                num_workers=usable_workers(num_workers), state=state))
 
 
 def cached_loader(batch_size: int, urls: str | None, resolution: int, num_samples: int, seed: int,
-                  shuffle_buffer: int, resampled: bool, num_workers: int, cache_dir: str, rank: int = 0,
+                  shuffle_buffer: int, resampled: bool, num_workers: int, cache_dir: str, lanes: int | None, rank: int = 0,
                   world_size: int = 1, teacher=None, state: dict | None = None, endless: bool = True):
     """`data=cached`: `data.urls` of precomputed shards, or (urls null) the shapes dataset precomputed once for
     this teacher into `data.cache_dir`."""
@@ -102,12 +103,13 @@ def cached_loader(batch_size: int, urls: str | None, resolution: int, num_sample
         out = Path(cache_dir).expanduser() / f"cached-shapes-{key}"
         if not (out / "done.json").exists():
             src = shapes_loader(batch_size=50, num_samples=num_samples, resolution=resolution, seed=seed,
-                                shuffle_buffer=0, resampled=False, num_workers=0, cache_dir=cache_dir, endless=False)
+                                shuffle_buffer=0, resampled=False, num_workers=0, cache_dir=cache_dir, lanes=1,
+                                endless=False)
             precompute(teacher, src, out, num_samples)
         urls = sorted(str(p) for p in out.glob("cached-*.tar"))
         source = shapes_source(num_samples, resolution, seed, cache_dir)
     data = loader(urls, batch_size, resolution, seed=seed, shuffle_buffer=shuffle_buffer, rank=rank,
-                  world_size=world_size, resampled=resampled, num_workers=num_workers, state=state)
+                  world_size=world_size, resampled=resampled, num_workers=num_workers, state=state, lanes=lanes)
     stream_of(data).eval_source = source or EvalSource(None, False, lambda bs: loader(
-        urls, bs, resolution, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled))
+        urls, bs, resolution, seed=seed, shuffle_buffer=shuffle_buffer, resampled=resampled, lanes=lanes))
     return data

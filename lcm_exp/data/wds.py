@@ -16,15 +16,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .stream import DataError, ShardStream, batches, usable_workers
+from .stream import DataError, Rejected, ShardStream, batches, usable_workers
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_KEYS = ("txt", "caption", "text")  # the diffusers scripts read text;txt;caption
 
 
-def _decode(sample: dict):
-    """Raw sample → (PIL image, caption, meta); a sample without an image or a caption raises, naming its fields."""
+def _fields(sample: dict):
+    """(image key, caption, meta) of a raw sample; a sample without an image or a caption raises, naming its
+    fields."""
     img_key = next((k for k in IMAGE_KEYS if k in sample), None)
     txt_key = next((k for k in TEXT_KEYS if k in sample), None)
     if img_key is None or txt_key is None:
@@ -32,12 +33,16 @@ def _decode(sample: dict):
         missing = "image" if img_key is None else "caption"
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no {missing} (its fields: "
                          f"{fields}; expected one of {', '.join(IMAGE_KEYS if img_key is None else TEXT_KEYS)})")
-    image = Image.open(io.BytesIO(sample[img_key]))
-    image.load()
     caption = sample[txt_key]
     caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    return image.convert("RGB"), caption.strip(), meta
+    return img_key, caption.strip(), meta
+
+
+def _image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
 
 
 class Transform:
@@ -71,30 +76,47 @@ class Transform:
         return x.float().div(127.5).sub(1.0), (*original, top, left)
 
 
-def keep(meta: dict, image: Image.Image, min_size: int = 0, min_aesthetic: float | None = None,
-         max_pwatermark: float | None = None) -> bool:
-    """The LAION filters of the diffusers scripts, from each sample's json (falling back to the image size)."""
-    w, h = meta.get("original_width", meta.get("width", image.width)), meta.get("original_height",
-                                                                               meta.get("height", image.height))
-    if min(w or 0, h or 0) < min_size:
-        return False
-    if min_aesthetic is not None and meta.get("aesthetic", meta.get("AESTHETIC_SCORE", 0.0)) < min_aesthetic:
-        return False
+def rejection(meta: dict, size: tuple[int, int] | None, min_size: int = 0, min_aesthetic: float | None = None,
+              max_pwatermark: float | None = None) -> str | None:
+    """Why the LAION filters of the diffusers scripts reject a sample (naming the filter and what the sample's json
+    holds), or None to keep it. `size`: the image's (width, height), for a json without them (None: not known
+    yet, decode the image and ask again)."""
+    w = meta.get("original_width", meta.get("width"))
+    h = meta.get("original_height", meta.get("height"))
+    if min_size and (w is None or h is None):
+        if size is None:
+            return None
+        w, h = size
+    if min_size and min(w or 0, h or 0) < min_size:
+        return f"data.min_size={min_size}: the image is {w}x{h}"
+    if min_aesthetic is not None:
+        score = meta.get("aesthetic", meta.get("AESTHETIC_SCORE"))
+        if score is None:
+            return f"data.min_aesthetic={min_aesthetic}: no aesthetic score in its json (fields: " \
+                   f"{', '.join(sorted(meta)) or 'no json'})"
+        if score < min_aesthetic:
+            return f"data.min_aesthetic={min_aesthetic}: its aesthetic score is below it"
     if max_pwatermark is not None and meta.get("pwatermark", 0.0) > max_pwatermark:
-        return False
-    return True
+        return f"data.max_pwatermark={max_pwatermark}: its pwatermark is above it"
+    return None
 
 
 class ImageSamples:
-    """decode(sample, rng) for ShardStream: (pixels, caption, micro-conditioning), or None when filtered out."""
+    """decode(sample, rng) for ShardStream: (pixels, caption, micro-conditioning). The filters read the json first
+    (a rejected sample's image is never decoded) and raise `Rejected` with the reason."""
 
     def __init__(self, transform: Transform, **filters):
         self.transform, self.filters = transform, filters
 
     def __call__(self, sample: dict, rng: random.Random):
-        image, caption, meta = _decode(sample)
-        if not keep(meta, image, **self.filters):
-            return None
+        img_key, caption, meta = _fields(sample)
+        why = rejection(meta, None, **self.filters)
+        if why:
+            raise Rejected(why)
+        image = _image(sample[img_key])
+        why = rejection(meta, image.size, **self.filters)
+        if why:
+            raise Rejected(why)
         pixels, micro = self.transform.apply(image, rng)
         return pixels, caption, micro
 
@@ -111,10 +133,10 @@ def check_resolution(resolution: int) -> None:
         raise invalid("data.resolution", resolution, "a multiple of 8")
 
 
-def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 1000, resampled: bool = True,
+def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer: int = 16, resampled: bool = False,
            center_crop: bool = True, random_flip: bool = False, min_size: int = 0, min_aesthetic: float | None = None,
            max_pwatermark: float | None = None, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-           state: dict | None = None, endless: bool | None = None):
+           state: dict | None = None, endless: bool | None = None, lanes: int | None = None):
     """Batches from image shards, resumable from `state` (`ShardStream.state`): an endless stream (resampled, or
     with `endless=True` epochs over the shards), or one pass in shard order (`resampled=False`, `endless` unset)."""
     check_resolution(resolution)
@@ -124,6 +146,6 @@ def loader(urls, batch_size: int, resolution: int, seed: int = 0, shuffle_buffer
     decode = ImageSamples(Transform(resolution, center_crop, random_flip), min_size=min_size,
                           min_aesthetic=min_aesthetic, max_pwatermark=max_pwatermark)
     return batches(ShardStream(urls, decode, collate, batch_size, seed=seed, rank=rank, world_size=world_size,
-                               shuffle_buffer=shuffle_buffer, resampled=resampled, resolution=resolution,
+                               lanes=lanes, shuffle_buffer=shuffle_buffer, resampled=resampled, resolution=resolution,
                                epochs=None if endless or resampled else 1, num_workers=usable_workers(num_workers),
                                state=state, partial=not (endless or resampled)))

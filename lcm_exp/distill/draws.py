@@ -1,23 +1,40 @@
-"""Where a step's random numbers come from. Every micro-step draws from its own generator, a function of
-(trainer.seed, micro-step) only, so a resumed run draws what the uninterrupted one did, and the ranks of a
-multi-process run together draw what one process would for the global batch."""
+"""Where a step's random numbers come from: every sample of the global batch has its own generator, seeded by
+(trainer.seed, micro-step, its row in the global batch), and draws its numbers in one fixed order (the VAE
+posterior's noise, the timestep pair, ε, ω). So a resumed run draws what the uninterrupted one did, any number
+of ranks draws what one process would (rank r holds rows r::W and seeds only those), on any world size, and a
+rank's cost is its own rows', whatever the number of ranks."""
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of one micro-step's draws (VAE posterior, n, ε, ω), the same on every rank."""
-    key = f"{seed}/{micro_step}/0".encode()
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
+def row_seed(seed: int, micro_step: int, row: int) -> int:
+    key = f"{seed}/{micro_step}/{row}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
-def global_randn(shape, generator: torch.Generator | None, rows: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """N(0, I) draws for the global batch (`shape[0]` rows on each of `ranks`), this rank's rows `rank::ranks`: with
-    one generator state on every rank, the ranks together draw what one process with the whole batch would."""
-    rank, ranks = rows
-    full = torch.randn((shape[0] * ranks, *shape[1:]), generator=generator,
-                       device=generator.device if generator is not None else "cpu")
-    return full[rank::ranks]
+class Draws:
+    """The generators of this rank's rows of one micro-step (`rows`: their indices in the global batch)."""
+
+    def __init__(self, seed: int, micro_step: int, rows):
+        self.rows = list(rows)
+        self.generators = [torch.Generator().manual_seed(row_seed(seed, micro_step, r)) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def randn(self, shape, device=None, dtype=None) -> torch.Tensor:
+        """N(0, I) of `shape` per row, stacked: (rows, *shape)."""
+        out = torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+        return out.to(device=device, dtype=dtype) if device is not None or dtype is not None else out
+
+    def each(self, draw: Callable[[torch.Generator], object]):
+        """`draw(generator)` once per row, each result holding one row (a tensor, or a tuple of tensors),
+        concatenated along the batch: a sampler written as `sample(n, device, generator)` is called with n = 1."""
+        parts = [draw(g) for g in self.generators]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(p) for p in zip(*parts))
+        return torch.cat(parts)

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .draws import global_randn
+from .draws import Draws
 from .guidance import guidance_embedding
 from .methods import Distillation
 from .schedules import bcast as _bcast
@@ -68,7 +68,6 @@ class LCD:
     batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
     teacher_first: bool = False  # the no-grad teacher/target passes before the online forward (same loss)
     method: object = None  # where the target point is taken (conf/method); None: distillation (LCM Alg. 1)
-    rows: tuple[int, int] = (0, 1)  # (this rank, ranks): draws are made for the global batch, this rank keeps its rows
 
     def __post_init__(self):
         self.method = self.method or Distillation()
@@ -109,22 +108,20 @@ class LCD:
 
         return denoise
 
-    def draw(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> "Draw":
-        """The step's random draws, in Algorithm 1's order: made for the global batch (every rank draws the same
-        numbers), of which this rank keeps its rows `rank::ranks`, as its batch holds those rows of the data."""
-        rank, ranks = self.rows
-        bsz, device, mine = latents.shape[0] * ranks, latents.device, slice(rank, None, ranks)
+    def draw(self, latents: torch.Tensor, draws: Draws) -> "Draw":
+        """The step's random draws, in Algorithm 1's order, each row from its own generator (`draws`)."""
+        device = latents.device
         # Sample the pair (t_{n+k}, t_n) uniformly on the skipping-step DDIM grid t = (1..N)·k − 1 (§4.3).
-        t, t_prev = (x[mine].to(device) for x in self.skip.sample(bsz, generator))
+        t, t_prev = (x.to(device) for x in draws.each(lambda g: self.skip.sample(1, g)))
         # ε ~ N(0, I) for z_{t_{n+k}} (eq. 1).
-        noise = global_randn(latents.shape, generator, self.rows)
+        noise = draws.randn(latents.shape[1:], device, latents.dtype)
         # ω ~ U[ω_min, ω_max] (§4.2).
-        w = self.guidance.sample(bsz, device, generator)[mine]
-        return Draw(t, t_prev, noise.to(device, latents.dtype), w)
+        w = draws.each(lambda g: self.guidance.sample(1, "cpu", g)).to(device)
+        return Draw(t, t_prev, noise, w)
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> "Noised":
-        """A step's draws (from `generator`) and the noisy latents they make."""
-        t, t_prev, noise, w = self.draw(latents, generator)
+    def noised(self, latents: torch.Tensor, draws: Draws) -> "Noised":
+        """A step's draws and the noisy latents they make."""
+        t, t_prev, noise, w = self.draw(latents, draws)
         # z_{t_{n+k}} = α z + σ ε (eq. 1).
         z_t = self.schedule.add_noise(latents, noise, t)
         # ω embedded as the student's timestep condition (§4.2).
@@ -146,10 +143,10 @@ class LCD:
         """The online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7)."""
         return self.consistency_fn(self.student, x.z_t, x.t, x.w_emb, cond)
 
-    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, generator: torch.Generator | None = None):
-        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1), its draws from
-        `generator`. The loss is a mean over the batch."""
-        x = self.noised(latents, generator)
+    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, draws: Draws):
+        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1), its draws from `draws`.
+        The loss is a mean over the batch."""
+        x = self.noised(latents, draws)
         # The no-grad passes (teacher, target) run before the online forward when `teacher_first`: the same
         # numbers, but the student's saved activations are not held across the teacher's batch (lower peak
         # memory) and are still warm in cache when the backward pass starts.

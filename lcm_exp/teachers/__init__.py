@@ -126,12 +126,10 @@ class Teacher:
         hidden = self.text_encoder(ids.to(self.text_encoder.device))[0]
         return {"encoder_hidden_states": hidden}
 
-    def condition(self, batch: dict, generator: torch.Generator, device, rows: tuple[int, int] = (0, 1)) -> tuple:
+    def condition(self, batch: dict, draws, device) -> tuple:
         """Step 1 of Alg. 1: (z = E(x)·scale, the caption conditions, the empty prompt's), on `device`; from the
         VAE posterior and the text embeddings a precomputed batch (`data=cached`) holds, or by encoding. The
-        posterior's noise is drawn for the global batch, this rank's rows kept (`rows`: rank, ranks)."""
-        from ..distill.draws import global_randn
-
+        posterior's noise is each row's own (`draws`: `lcm_exp.distill.draws.Draws`)."""
         micro = batch.get("micro_conditioning")  # SDXL: per-sample original size and crop coordinates
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
@@ -141,7 +139,7 @@ class Teacher:
                 posterior = self.vae.encode(batch["pixels"].to(device, self.vae.dtype)).latent_dist
             mean, std = posterior.mean, posterior.std
             cond = self.encode_prompts(batch["captions"], micro)
-        noise = global_randn(mean.shape, generator, rows).to(device, mean.dtype)
+        noise = draws.randn(mean.shape[1:], device, mean.dtype)
         latents = (mean + std * noise).float() * self.vae.config.scaling_factor
         n, uncond = latents.shape[0], getattr(self, "_uncond", None)
         stale = uncond is None or next(iter(uncond.values())).shape[0] != n

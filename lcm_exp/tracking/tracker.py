@@ -19,6 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline, its telemetry thread can crash the client
 
@@ -37,8 +39,9 @@ _RETRYABLE = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEED
               "DEADLINE_EXCEEDED", "ABORTED", "UNAVAILABLE"}
 
 
-class TrackingUnavailable(RuntimeError):
-    """The tracking store cannot be reached when a run starts."""
+class TrackingUnavailable(ConfigError):
+    """The tracking store cannot be reached when a run starts: a user's setting (or a server not started), told in
+    one line, exit 2, before anything is built."""
 
 
 def default_uri(start_dir: str | os.PathLike | None = None) -> str:
@@ -91,7 +94,7 @@ def connect(uri: str, experiment: str):
         exp = client.get_experiment_by_name(experiment)
     except Exception as e:  # noqa: BLE001 - connection refused, DNS, TLS, auth, unreadable db ...
         raise TrackingUnavailable(
-            f"Cannot reach the MLflow tracking store {redact(uri)}: {str(e).splitlines()[0][:300]}\n"
+            f"Cannot reach the MLflow tracking store {redact(uri)}: {str(e).splitlines()[0][:300]}. "
             "Start the server (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or fix tracking.uri; credentials "
             "come from MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN. To train without "
             "it, drop tracking.uri (local sqlite store mlflow.db in this folder) or set tracking.enabled=false."

@@ -1,68 +1,36 @@
-"""Checkpoints that survive crashes: written atomically, checked before use, found again by configuration.
+"""Checkpoints that survive crashes and scale with the ranks: written atomically, checksummed by the rank that
+wrote each file, checked before use by the rank that reads it.
 
-A checkpoint is accelerate's `save_state` folder (model, optimiser, lr schedule, grad scaler, the EMA, every
-rank's RNG states) plus each rank's data position and logging window (`rank_state_<rank>.json`) and `trainer_state.json`, written
-last, which holds the step, the configuration's key and resolved config, the logging window and a manifest of
-every file with its size and checksum. Everything is written into a hidden temporary folder that is renamed into place
-(`checkpoint-<step>`) only when complete, so a crash or a full disk never leaves a half-written checkpoint under
-that name, and the previous one is never touched before the new one is complete. A checkpoint whose files no
-longer match its manifest (truncated, deleted) is named in a warning and skipped for the one before it.
+A checkpoint is accelerate's `save_state` folder (model, optimiser, grad scaler, the EMA, every rank's RNG
+states; under FSDP every rank's shards) plus each rank's data position and logging window
+(`rank_state_<rank>.json`) and `trainer_state.json`, written last, which holds the step, the world size, the
+lr schedule, the trajectory config (`resume.py`) and a manifest of every file with its size and CRC-32.
+Everything is written into a hidden temporary folder that is renamed into place (`checkpoint-<step>`) only when
+complete, so a crash or a full disk never leaves a half-written checkpoint under that name, and the previous
+one is never touched before the new one is complete.
+
+Each file belongs to one rank (`owner`: a rank's RNG states, data position and FSDP shards are its own; the
+rest is rank 0's): the rank that wrote a file fsyncs and checksums it, all ranks at once, and the rank that
+owns it checks it before anything loads, so neither saving nor resuming reads the whole checkpoint on every
+rank, and no rank waits for one rank's serial pass over everything. Rank 0 chooses the checkpoint for all.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
-
-from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
-# Keys that do not change what is trained, or that a user may change between a run and its resume (more shards,
-# other loader workers: the stream then says it cannot continue exactly): a checkpoint of the same config with
-# other values of these resumes.
-RESUME_IGNORES = ("data.urls", "data.num_workers", "trainer.resume", "trainer.max_steps", "trainer.checkpoint_every", "trainer.checkpoint_every_minutes",
-                  "trainer.checkpoints_total_limit", "trainer.log_every", "trainer.validation_every",
-                  "trainer.output_dir", "trainer.progress_bar", "tracking", "eval", "export")
-
-
-# ------------------------------------------------------------------------------------------------- configuration
-def trajectory_config(cfg: DictConfig) -> dict:
-    """The resolved config less the keys that do not change the training trajectory (RESUME_IGNORES)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for dotted in RESUME_IGNORES:
-        *parents, leaf = dotted.split(".")
-        node = c
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return c
-
-
-def config_key(cfg: DictConfig) -> str:
-    """A hash of what determines the training trajectory, to match checkpoints for `trainer.resume=latest`."""
-    return hashlib.sha1(json.dumps(trajectory_config(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (`key: a -> b`)."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key, "<unset>"), b.get(key, "<unset>")
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += differences(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}: {x} -> {y}")
-    return out
+_RANK_FILE = re.compile(r"(?:random_states_|rank_state_)(\d+)\.|__(\d+)_\d+\.distcp$")
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -107,11 +75,23 @@ def checksum(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def unreadable(path: Path) -> str | None:
-    """Why a checkpoint whose manifest holds cannot be used: a file whose contents changed since it was written
-    (its checksum differs; the size may not), or None. Read in full, before anything is loaded into the models."""
-    for name, crc in read_state(path).get("checksums", {}).items():
-        if checksum(Path(path) / name) != crc:
+def owner(name: str, world_size: int) -> int:
+    """The rank a checkpoint file belongs to: rank r's RNG states, data position and FSDP shards are r's (r mod
+    the world size when it changed), every other file rank 0's."""
+    m = _RANK_FILE.search(name)
+    return int(m.group(1) or m.group(2)) % world_size if m else 0
+
+
+def mine(names, rank: int, world_size: int) -> list[str]:
+    return [n for n in names if owner(n, world_size) == rank]
+
+
+def unreadable(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why this rank's files of a checkpoint whose manifest holds cannot be used: a file whose contents changed
+    since it was written (its checksum differs; the size may not), or None. Read before anything is loaded."""
+    checksums = read_state(path).get("checksums", {})
+    for name in mine(checksums, rank, world_size):
+        if checksum(Path(path) / name) != checksums[name]:
             return f"{name} is damaged (its checksum differs from the one written with it)"
     return None
 
@@ -128,56 +108,6 @@ def usable(candidates: list[Path]) -> list[Path]:
     return out
 
 
-def find(resume: str | None, cfg: DictConfig, start_dir: Path, out_dir: Path) -> list[Path]:
-    """The checkpoints to try, best first. `latest`: this configuration's checkpoints among this start folder's
-    runs (outputs/, multirun/ and this job's folder); a path: that checkpoint (or that run folder's), which must
-    be of this configuration."""
-    if not resume:
-        return []
-    key = config_key(cfg)
-    if resume not in ("latest", "job"):
-        path = Path(resume).expanduser()
-        if (path / STATE_FILE).exists() or path.name.startswith(PREFIX):
-            candidates = [path]
-        else:
-            candidates = listed(path / "checkpoints") or listed(path)
-        if not candidates or not candidates[-1].is_dir():
-            raise ConfigError(f"trainer.resume={resume}: no checkpoint there. Give a checkpoint-<step> folder, a run "
-                              "folder, or trainer.resume=latest.")
-        try:
-            state = read_state(candidates[-1])
-        except (OSError, ValueError):
-            state = {}
-        if state.get("config_key") not in (None, key):
-            diff = differences(state.get("config", {}), trajectory_config(cfg))
-            raise ConfigError(f"trainer.resume={resume} is a checkpoint of another configuration; it differs in "
-                              f"{'; '.join(diff[:8]) or 'keys this version cannot list'}. Resume it with the same "
-                              "overrides as the run that wrote it, or use trainer.resume=latest to find this "
-                              "configuration's own checkpoints.")
-        good = usable(candidates)
-        if not good:
-            raise ConfigError(f"trainer.resume={resume}: {candidates[-1]} is incomplete or corrupt "
-                              f"({problem(candidates[-1])}). Give an earlier checkpoint, or trainer.resume=latest.")
-        return good
-    found = set()
-    # "job" (a job submitit requeued: it runs again in its own output folder): only that folder's checkpoints
-    roots = {out_dir} if resume == "job" else {out_dir, start_dir / "outputs", start_dir / "multirun"}
-    for root in roots:
-        for state_file in Path(root).glob(f"**/checkpoints/{PREFIX}*/{STATE_FILE}"):
-            try:
-                if json.loads(state_file.read_text()).get("config_key") == key:
-                    found.add(state_file.parent)
-            except (OSError, ValueError):
-                found.add(state_file.parent)  # (usable() names it)
-    # the newest first: by the time it was written (a finished run's higher step loses to today's interrupted
-    # one), then by step
-    good = sorted(usable(list(found)), key=lambda p: (written(p), step_of(p)), reverse=True)
-    if not good and resume == "latest":
-        log.warning("trainer.resume=latest: no checkpoint of this configuration under %s; starting from step 0",
-                    start_dir)
-    return good
-
-
 def written(path: Path) -> float:
     try:
         return float(read_state(path).get("time", 0.0)) or path.stat().st_mtime
@@ -191,23 +121,38 @@ def rank_state(path: Path, rank: int) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def load(acc, candidates: list[Path]) -> tuple[dict, dict]:
-    """Loads into accelerate's prepared objects the first of `candidates` whose every file reads (each one that
-    does not is named in a warning and nothing of it is loaded): (its state, with "path" and this rank's "data"
-    position; this rank's own state), or ({}, {}) when none could be loaded."""
+def data_state(path: Path) -> dict | None:
+    """The data stream's position, every rank's lanes merged (a resume on another world size deals them anew)."""
+    merged = None
+    for f in sorted(Path(path).glob("rank_state_*.json")):
+        data = (json.loads(f.read_text()) or {}).get("data")
+        if not data:
+            continue
+        if merged is None or "lanes" not in merged:
+            merged = {**data, "lanes": dict(data.get("lanes", {}))} if "lanes" in data else data
+        elif "lanes" in data:
+            merged["lanes"].update(data["lanes"])
+    return merged
+
+
+def load(acc, candidates: list[Path], agree) -> tuple[dict, dict]:
+    """Loads into accelerate's prepared objects the first of `candidates` (rank 0's choice, the same on every
+    rank) whose files all check: each rank checks the files it owns, and all skip a checkpoint any rank found
+    damaged (named in a warning; nothing of it is loaded). Returns (its state, with "path" and the merged "data"
+    position; this rank's own state), or ({}, {}). `agree(failed)`: whether any rank failed."""
     for path in candidates:
-        why = unreadable(path)
+        why = unreadable(path, acc.process_index, acc.num_processes)
         if why:
             log.warning("checkpoint %s cannot be used (%s): trying the one before", path, why)
+        if agree(why is not None):
             continue
-        acc.load_state(str(path))  # (every file read above: a failure here is a bug to see, not to skip)
+        acc.load_state(str(path))  # (every file checked above: a failure here is a bug to see, not to skip)
         state = read_state(path)
         if int(state.get("world_size", acc.num_processes)) != acc.num_processes:
-            log.warning("checkpoint %s was written by %s processes, this run has %d: it cannot resume exactly "
-                        "(the data streams and draws are split differently)", path, state.get("world_size"),
-                        acc.num_processes)
+            log.info("checkpoint %s was written by %s processes; this run has %d (the data lanes and the draws "
+                     "are dealt anew: the same samples and numbers)", path, state.get("world_size"), acc.num_processes)
         rank = rank_state(path, acc.process_index) or {}
-        state["path"], state["data"] = str(path), rank.get("data")
+        state["path"], state["data"] = str(path), data_state(path)
         log.info("resumed from %s at step %d", path, int(state["step"]))
         return state, rank
     if candidates:
@@ -218,12 +163,15 @@ def load(acc, candidates: list[Path]) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------------- writing
 def save(acc, folder: Path, step: int, rank: dict, state: dict, keep: int | None, agree) -> Path | None:
     """Writes checkpoint `step` atomically: every rank its accelerate state and `rank` (its data position and
-    logging window) into the temporary folder, then rank 0 the manifest and `state`, and renames it into place;
-    the oldest beyond `keep` go. A failed write (a full disk, a quota) on any rank is logged and leaves the
-    previous checkpoint as it was; returns the folder, or None. `agree(failed)` is True on every rank when any
-    rank failed (every rank must reach the same collectives)."""
+    logging window) into the temporary folder and fsyncs and checksums the files it owns, all ranks at once;
+    rank 0 gathers the manifests, writes `state` with them and renames the folder into place; the oldest beyond
+    `keep` go. A failed write (a full disk, a quota) on any rank is logged and leaves the previous checkpoint as
+    it was; returns the folder, or None. `agree(failed)` is True on every rank when any rank failed (every rank
+    must reach the same collectives)."""
+    from accelerate.utils import gather_object
+
     final, tmp = folder / f"{PREFIX}{step}", temporary(folder, step)
-    error = None
+    error, manifest = None, {}
     try:
         if acc.is_main_process:
             clear_temporary(folder)
@@ -234,14 +182,17 @@ def save(acc, folder: Path, step: int, rank: dict, state: dict, keep: int | None
         try:
             acc.save_state(str(tmp))
             (tmp / f"rank_state_{acc.process_index}.json").write_text(json.dumps(rank))
+            manifest = seal(tmp, acc.process_index, acc.num_processes)
         except Exception as e:  # noqa: BLE001
             error = e
     failed = agree(error is not None)
-    if acc.is_main_process and not failed:
-        try:
-            finish(tmp, final, {**state, "time": time.time()})
-        except Exception as e:  # noqa: BLE001
-            error = e
+    if not failed:
+        manifests = gather_object([manifest]) if acc.num_processes > 1 else [manifest]
+        if acc.is_main_process:
+            try:
+                finish(tmp, final, {**state, "time": time.time()}, {k: v for m in manifests for k, v in m.items()})
+            except Exception as e:  # noqa: BLE001
+                error = e
     failed = agree(failed or error is not None)  # (every rank learns whether rank 0's part worked)
     if acc.is_main_process:
         if failed:
@@ -257,22 +208,32 @@ def save(acc, folder: Path, step: int, rank: dict, state: dict, keep: int | None
     return None if failed else final
 
 
-def temporary(folder: Path, step: int) -> Path:
-    return Path(folder) / f"{TMP_PREFIX}{step}"
+def seal(tmp: Path, rank: int, world_size: int) -> dict[str, tuple[int, str]]:
+    """{name: (size, CRC-32)} of the files this rank owns in `tmp`, each fsynced first (on disk before the name
+    says the checkpoint is whole); several files at once (zlib and fsync release the GIL)."""
+    names = mine([str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()], rank, world_size)
 
-
-def finish(tmp: Path, final: Path, state: dict) -> None:
-    """Writes `trainer_state.json` with the manifest of `tmp`'s files, then moves `tmp` to `final` (replacing an
-    older folder of that name only once the new one is complete)."""
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    for name in files:  # on disk before the name says the checkpoint is whole
+    def one(name: str) -> tuple[int, str]:
         fd = os.open(tmp / name, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    checksums = {name: checksum(tmp / name) for name in files}
-    body = json.dumps({**state, "files": files, "checksums": checksums}, indent=2, default=str)
+        return (tmp / name).stat().st_size, checksum(tmp / name)
+
+    with ThreadPoolExecutor(max(1, min(4, len(names)))) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def temporary(folder: Path, step: int) -> Path:
+    return Path(folder) / f"{TMP_PREFIX}{step}"
+
+
+def finish(tmp: Path, final: Path, state: dict, manifest: dict[str, tuple[int, str]]) -> None:
+    """Writes `trainer_state.json` with the manifest of `tmp`'s files ({name: (size, CRC)}, every rank's), then
+    moves `tmp` to `final` (replacing an older folder of that name only once the new one is complete)."""
+    body = json.dumps({**state, "files": {n: s for n, (s, _) in sorted(manifest.items())},
+                       "checksums": {n: c for n, (_, c) in sorted(manifest.items())}}, indent=2, default=str)
     with open(tmp / STATE_FILE, "w") as f:
         f.write(body)
         f.flush()

@@ -6,6 +6,7 @@ The lr schedule (`optim.lr_scheduler`, `optim.lr_warmup_steps`) is diffusers' `g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -20,12 +21,11 @@ class Optimisation:
     lr_warmup_steps: int
     max_grad_norm: float
 
-    def schedule(self, max_steps: int, num_processes: int = 1):
-        """The lr schedule over `max_steps` optimiser steps (accelerate steps a prepared scheduler once per
-        process, so its step counts are scaled by the process count)."""
-        n = num_processes
-        return get_scheduler(self.lr_scheduler, optimizer=self.optimizer, num_warmup_steps=self.lr_warmup_steps * n,
-                             num_training_steps=max(max_steps, 1) * n)
+    def schedule(self, max_steps: int):
+        """The lr schedule over `max_steps` optimiser steps, stepped once per optimiser step whatever the number of
+        processes (the trainer steps it; a checkpoint keeps its position in optimiser steps)."""
+        return get_scheduler(self.lr_scheduler, optimizer=self.optimizer, num_warmup_steps=self.lr_warmup_steps,
+                             num_training_steps=max(max_steps, 1))
 
 
 def adamw(params, lr: float, weight_decay: float, betas: list, eps: float, fused: bool | None, lr_scheduler: str,
@@ -66,3 +66,22 @@ def _fused_supported(params) -> bool:
     except ImportError:  # an older torch: CUDA only
         devices = {"cuda"}
     return len(params) > 0 and all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
+def load_lr_schedule(scheduler, state: dict) -> None:
+    """The lr schedule's position from a checkpoint, counted in optimiser steps, and the optimiser's lr set from
+    this run's schedule at that position (a run resumed with another `trainer.max_steps` follows its new schedule
+    from there; the optimiser state saved the old one's lr). A checkpoint of lcm_exp < 0.2 kept the position in
+    accelerate's `scheduler.bin`, counted once per rank per step."""
+    saved = state.get("lr_schedule")
+    old = Path(state["path"]) / "scheduler.bin"
+    if saved is None and old.exists():
+        saved = torch.load(old, weights_only=False)
+        saved["last_epoch"] //= int(state.get("world_size", 1))
+        saved["_step_count"] = saved["last_epoch"] + 1
+    if saved is None:
+        return
+    position = int(saved["last_epoch"])
+    scheduler.load_state_dict(saved)
+    scheduler.last_epoch = position - 1
+    scheduler.step()  # (recomputes the lr at `position` and sets it in the optimiser)

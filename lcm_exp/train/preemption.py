@@ -2,7 +2,8 @@
 time-limit and preemption signal) stop a run cleanly.
 
 While the training loop runs, a signal only sets a flag: the loop checkpoints at the next step boundary and raises
-`Preempted`. Anywhere else (loading, the end-of-run validation, export and evaluation) the handler raises
+`Preempted`; a single process waiting for data at a boundary (a stalled stream) stops at once, and the runner
+checkpoints the last finished step. Anywhere else (loading, the end-of-run validation, export and evaluation) the handler raises
 `Preempted` at once; the runner then writes a checkpoint if the trained state is not saved yet. Either way the
 MLflow run is tagged `lcm_exp.preempted` and ended KILLED, and the process exits with `EXIT_PREEMPTED`, so a
 scheduler can tell a preempted job from a failed one; `trainer.resume=latest` continues it where it stopped.
@@ -40,13 +41,14 @@ class SignalGuard:
         self.signals = [getattr(signal, name) for name in signals if hasattr(signal, name)]
         self.requested: str | None = None
         self._defer = 0
+        self._waiting = 0
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         first = self.requested is None
         self.requested = self.requested or name
-        if self._defer:
+        if self._defer and not self._waiting:
             if first:
                 log.warning("%s received: checkpointing at the next step boundary, then stopping", name)
             return
@@ -76,6 +78,24 @@ class SignalGuard:
                 return False
 
         return _Deferred()
+
+    def interruptible(self):
+        """Inside `deferred()`, a region where the run only waits (for data, at a step boundary): a signal stops
+        it at once, as outside, and one that came before entering stops it on entry."""
+        guard = self
+
+        class _Waiting:
+            def __enter__(self):
+                if guard.requested:
+                    raise Preempted(guard.requested)
+                guard._waiting += 1
+                return guard
+
+            def __exit__(self, *exc):
+                guard._waiting -= 1
+                return False
+
+        return _Waiting()
 
     def check(self) -> None:
         """Outside `deferred()`: raise for a signal that arrived while deferred."""

@@ -21,11 +21,23 @@ def accelerator(mixed_precision: str, cpu: bool, gradient_accumulation_steps: in
     # (several processes on a machine without CUDA: accelerate's CPU ranks, over gloo, only when asked for)
     cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     plugin = fsdp.plugin() if strategy == "fsdp" else None
+    forget_previous_job()
     acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu or cpu_ranks,
                       gradient_accumulation_steps=gradient_accumulation_steps, fsdp_plugin=plugin)
     if plugin and acc.distributed_type == DistributedType.MULTI_CPU:
         fsdp.use_on_cpu_ranks(acc, plugin)
     return acc
+
+
+def forget_previous_job() -> None:
+    """accelerate keeps one process-wide state: a second job in the same process (a sweep in Hydra's basic
+    launcher) with another `trainer.mixed_precision` or `trainer.cpu` would be refused ("AcceleratorState has
+    already been initialized"). Each job starts from a fresh state; the process group (several ranks) stays."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+        GradientState._reset_state()
 
 
 def ranks_from_submitit() -> None:

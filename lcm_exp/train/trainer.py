@@ -1,9 +1,10 @@
 """The training loop around the method's step: accelerate (devices, precision, accumulation, processes),
 logging, checkpoints, exact resume and preemption. `conf/trainer/` builds it.
 
-Every micro-step draws from its own generator, seeded from (trainer.seed, micro-step), and the data stream
-records where it is (`lcm_exp.data.stream`): a run resumed from a checkpoint takes the same batches and the same
-draws as the run that wrote it, so it logs the same losses and ends with the same weights.
+Every sample of every micro-step draws from its own generator (`lcm_exp.distill.draws`) and the data stream
+records where each of its lanes is (`lcm_exp.data.stream`): a run resumed from a checkpoint, on any number of
+ranks, takes the same samples and the same draws as the run that wrote it, so it logs the same losses and ends
+with the same weights. The lr schedule counts optimiser steps, whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set
 
 from ..config import invalid
 from ..data.stream import DataPosition
-from ..distill.draws import step_generator
+from ..distill.draws import Draws
 from ..distill.ema import EMA
 from . import checkpoint as ckpt
 from . import fsdp, ranks, switches
 from .preemption import Preempted, SignalGuard
-from .progress import Window, logs_above, progress_bar
+from .optim import load_lr_schedule
+from .progress import Window, logs_above, progress_bar, report
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Trainer:
     checkpoint_every_minutes: float
     checkpoints_total_limit: int | None
     resume: str | None
+    resume_mismatch: str
     output_dir: str
     batched_cfg: bool
     teacher_first: bool
@@ -65,7 +68,7 @@ class Trainer:
             raise invalid("trainer.batch_size", self.batch_size, f"a multiple of the {acc.num_processes} processes: it "
                           "is the global batch, split evenly over them")
         switches.refuse_compile_on_cpu(self.compile, acc.device)
-        self.rows = (acc.process_index, acc.num_processes)  # this rank's rows of every global batch: rank::ranks
+        self.rows = range(acc.process_index, self.batch_size, acc.num_processes)  # this rank's rows: rank::ranks
         self.job_dir = ranks.rank0s(acc, str(self.job_dir))  # one run folder: rank 0's (each rank's Hydra may have
         self.output_dir = Path(self.job_dir) / self.output_dir  # read another second)
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -79,27 +82,20 @@ class Trainer:
         self.fsdp_units: list = []  # (FSDP: the units whose gathered weights each optimiser step frees)
 
     def _check(self) -> None:
-        checks = [
-            (self.max_steps >= 0, "max_steps", self.max_steps, ">= 0"),
-            (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", self.gradient_accumulation_steps,
-             ">= 1"),
-            (self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", self.mixed_precision,
-             "one of no, fp16, bf16"),
-            (self.strategy in ("ddp", "fsdp"), "strategy", self.strategy, "ddp or fsdp"),
-            (self.log_every >= 1, "log_every", self.log_every, ">= 1"),
-            (self.progress_bar in (True, False, "auto"), "progress_bar", self.progress_bar, "auto, true or false"),
-            (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: none by step count)"),
-            (self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", self.checkpoint_every_minutes,
-             ">= 0 (0: none by time)"),
+        choices = {"mixed_precision": ("no", "fp16", "bf16"), "strategy": ("ddp", "fsdp"),
+                   "progress_bar": ("auto", True, False), "resume_mismatch": ("stop", "continue"),
+                   "attention": switches.ATTENTION_MODES}
+        checks = [(getattr(self, k) in v, k, "one of " + ", ".join(map(str, v))) for k, v in choices.items()] + [
+            (self.max_steps >= 0, "max_steps", ">= 0"), (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", ">= 1"),
+            (self.log_every >= 1, "log_every", ">= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every", ">= 0 (0: none by step count)"),
+            (self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", ">= 0 (0: none by time)"),
             (self.resume in (None, "latest") or "/" in str(self.resume) or ckpt.PREFIX in str(self.resume),
-             "resume", self.resume, "null, latest, or the path of a checkpoint-<step> folder or a run folder"),
-            (self.attention in switches.ATTENTION_MODES, "attention", self.attention,
-             "one of " + ", ".join(switches.ATTENTION_MODES)),
-        ]
-        for ok, key, value, expected in checks:
+             "resume", "null, latest, or the path of a checkpoint-<step> folder or a run folder")]
+        for ok, key, expected in checks:
             if not ok:
-                raise invalid(f"trainer.{key}", value, expected)
+                raise invalid(f"trainer.{key}", getattr(self, key), expected)
 
     @property
     def rank_batch_size(self) -> int:
@@ -126,43 +122,48 @@ class Trainer:
             acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)  # gradient that step)
         if self.sharded:
             fsdp.refuse(student)
-        lcd.rows = self.rows
-        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(student.unet, optimizer, lr_scheduler)
+        self.unet, self.optimizer = acc.prepare(student.unet, optimizer)
+        self.lr_scheduler = lr_scheduler  # (stepped once per optimiser step here: accelerate's steps it once per rank)
         if self.sharded and isinstance(ema, EMA):
             ema.shard(acc.prepare, self.unet)  # (the target: sharded like the student, checkpointed with it)
             lcd.target = ema.target
         self.fsdp_units = fsdp.units(self.unet, ema.target) if self.sharded else []
         acc.register_for_checkpointing(ema)
-        lcd.student = switches.compiled(self.unet, self.compile)
-        lcd.teacher, lcd.target = switches.compiled(lcd.teacher, self.compile), switches.compiled(lcd.target,
-                                                                                                  self.compile)
+        lcd.student, lcd.teacher, lcd.target = (switches.compiled(m, self.compile) for m in (self.unet, lcd.teacher,
+                                                                                           lcd.target))
         self.lcd, self.ema, self.prepared = lcd, ema, True
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
     def resume_from(self, candidates: list[Path]) -> dict:
         """Loads the first usable checkpoint of `candidates` (`checkpoint.load`); returns its state."""
-        state, rank = ckpt.load(self.accelerator, candidates)
+        state, rank = ckpt.load(self.accelerator, candidates, lambda failed: ranks.agree(self.accelerator, failed)[0])
         if state:
             self.global_step = self.saved_step = int(state["step"])
             self.window = Window(**rank.get("window", {}))
-            self.data_position = DataPosition(**rank.get("position", {}))
+            self.data_position = DataPosition.of(state.get("data"), self.global_step, self.samples_per_step)
             self.last_stats = state.get("last_stats", {})
+            load_lr_schedule(self.lr_scheduler, state)
         return state
 
-    # ---------------------------------------------------------------------------------------------------- step
-    def step(self, teacher, batch: dict, generator: torch.Generator, max_grad_norm: float):
+    @property
+    def samples_per_step(self) -> int:
+        """The global samples one optimiser step takes."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+    def step(self, teacher, batch: dict, draws: Draws, max_grad_norm: float):
         """One micro-step: the loss (step 1 of Alg. 1, z = E(x) and c, then the LCD step), backward, and (when
         gradients sync) clip + optimiser + lr step + EMA."""
         acc = self.accelerator
         with acc.accumulate(self.unet), acc.autocast():
-            latents, cond, uncond = teacher.condition(batch, generator, acc.device, self.rows)
-            loss = self.lcd.loss(latents.contiguous(memory_format=self.memory_format), cond, uncond, generator)
+            latents, cond, uncond = teacher.condition(batch, draws, acc.device)
+            loss = self.lcd.loss(latents.contiguous(memory_format=self.memory_format), cond, uncond, draws)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(self.unet.parameters(), max_grad_norm) if acc.sync_gradients else None
             self.optimizer.step()
-            self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         if acc.sync_gradients:
+            if not acc.optimizer_step_was_skipped:  # (fp16: a step the grad scaler skipped moves no lr either)
+                self.lr_scheduler.step()
             self.ema.update()  # θ⁻ ← μθ⁻ + (1 − μ)θ after each optimiser step (Alg. 1)
             for unit in self.fsdp_units:  # (FSDP: the next forward gathers the weights just changed)
                 unit.reshard()
@@ -178,17 +179,21 @@ class Trainer:
         batches, micro = iter(data), self.global_step * accum
         stats, last_save = dict(self.last_stats), time.monotonic()
         bar = progress_bar(self.progress_bar, acc.is_main_process, self.global_step, self.max_steps)
+        waiting = guard.interruptible() if guard and acc.num_processes == 1 else contextlib.nullcontext()
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with guard.deferred() if guard else contextlib.nullcontext(), logs_above(bar):
             try:
                 while self.global_step < self.max_steps:
-                    for _ in range(accum):
-                        batch, micro = next(batches), micro + 1
-                        self.at_boundary = False
-                        loss, grad_norm = self.step(teacher, batch, step_generator(self.seed, micro - 1), max_grad_norm)
-                        self.window.add(loss.float().item(), len(batch["captions"]), batch.get("n_skipped", 0))
-                        self.data_position.advance(batch.get("data_state"))
+                    with waiting:  # (one process waiting for data: a signal stops the run at this boundary)
+                        group = [next(batches) for _ in range(accum)]
+                    self.at_boundary = False
+                    for batch in group:
+                        micro += 1
+                        loss, grad_norm = self.step(teacher, batch, Draws(self.seed, micro - 1, self.rows),
+                                                    max_grad_norm)
+                        self.window.add(loss.float().item(), batch)
+                    self.data_position.advance(group, self.samples_per_step)
                     self.global_step += 1
                     self.at_boundary = True
                     last = self.global_step == self.max_steps
@@ -217,16 +222,10 @@ class Trainer:
         return stats
 
     def _log(self, tracker, grad_norm, on_log) -> dict:
-        """The window's means over every rank (`Window.means`), logged by rank 0."""
-        acc = self.accelerator
-        stats = self.window.means(acc, self.lr_scheduler.get_last_lr()[0], grad_norm, self.gradient_accumulation_steps)
-        if acc.is_main_process:
-            tracker.log_metrics(stats, self.global_step)
-            log.info("step %d/%d loss %.5f lr %.2e", self.global_step, self.max_steps, stats["train/loss"],
-                     stats["train/lr"])
-        if on_log:
-            on_log(self.global_step, stats)
-        self.window = Window(last=stats["train/loss"])
+        """The window's means over every rank, logged by rank 0 (`progress.report`); a new window."""
+        stats = report(self.window, self.accelerator, tracker, self.global_step, self.max_steps,
+                       self.lr_scheduler.get_last_lr()[0], grad_norm, self.gradient_accumulation_steps, on_log)
+        self.window = Window(last=stats["train/loss"], read_mb=self.window.read_mb)
         self.last_stats = {k: v for k, v in stats.items() if k.startswith("train/loss")}
         return stats
 
@@ -235,12 +234,14 @@ class Trainer:
         """Checkpoint of this step (`lcm_exp.train.checkpoint.save`): the folder, or None when the write failed
         (logged; the previous checkpoint stays as it was and training goes on)."""
         stream = getattr(data, "dataset", data)
-        rank = {"window": self.window.state(), "position": self.data_position.state(),
-                "data": stream.state(**self.data_position.state()) if hasattr(stream, "state") else None}
+        position = self.data_position
+        rank = {"window": self.window.state(),
+                "data": stream.state(position.consumed, position.lanes) if hasattr(stream, "state") else None}
         state = {"step": self.global_step, "world_size": self.accelerator.num_processes,
-                 "last_stats": self.last_stats, **state}
+                 "last_stats": self.last_stats, "lr_schedule": self.lr_scheduler.state_dict(), **state}
         saved = ckpt.save(self.accelerator, self.checkpoint_dir, self.global_step, rank, state,
                           self.checkpoints_total_limit, lambda failed: ranks.agree(self.accelerator, failed)[0])
         if saved:
             self.saved_step = self.global_step
         return saved
+
