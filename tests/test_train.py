@@ -12,11 +12,11 @@ ARGS = ["teacher=tiny_random", "data.resolution=32", "data.num_samples=200", "tr
         "trainer.log_every=1", "eval.enabled=false", "loss=huber", "skip.k=20", "guidance.w_min=3", "guidance.w_max=9", "ema.decay=0.95"]
 
 
-def lcm_exp(*args, cwd):
+def lcm_exp(*args, cwd, expect: int = 0):
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", "from lcm_exp.cli import train; train()", *args], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == expect, r.stderr[-4000:]
     return r
 
 
@@ -52,9 +52,11 @@ def test_run_tracks_checkpoints_and_resumes(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
     assert len(list(tmp_path.glob("outputs/*/*/checkpoints/checkpoint-6"))) == 1
 
-    # a different configuration does not pick that checkpoint up
-    r = lcm_exp(*ARGS, "trainer.max_steps=1", "skip.k=10", "trainer.resume=latest", cwd=tmp_path)
-    assert "no checkpoint of this configuration" in r.stdout
+    # a different configuration does not pick that checkpoint up silently: it stops, naming what differs, and
+    # without trainer.resume it is a new run
+    r = lcm_exp(*ARGS, "trainer.max_steps=1", "skip.k=10", "trainer.resume=latest", cwd=tmp_path, expect=2)
+    assert "was trained with another configuration: skip.k: 20 -> 10" in r.stderr
+    lcm_exp(*ARGS, "trainer.max_steps=1", "skip.k=10", cwd=tmp_path)
     _, all_runs = runs(tmp_path)
     assert len(all_runs) == 2
 

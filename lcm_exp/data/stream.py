@@ -362,28 +362,26 @@ class Batches:
         items = iter(stream) if stream.num_workers == 0 else iter(Workers(
             stream, batch_size=None, num_workers=stream.num_workers, persistent_workers=True, prefetch_factor=4 * size,
             worker_init_fn=_leave_stop_signals_to_the_trainer))
-        self._items = items
         group, skipped, lanes, read = [], 0, {}, {}
-        for item, lane, snapshot, n_skipped, (pid, total) in items:
-            group.append(item)
-            skipped += n_skipped
-            lanes[lane], read[pid] = snapshot, total
-            if len(group) == size:
+        try:
+            for item, lane, snapshot, n_skipped, (pid, total) in items:
+                group.append(item)
+                skipped += n_skipped
+                lanes[lane], read[pid] = snapshot, total
+                if len(group) == size:
+                    yield self._batch(group, skipped, lanes, read)
+                    group, skipped, lanes = [], 0, {}
+            if group and stream.partial:
                 yield self._batch(group, skipped, lanes, read)
-                group, skipped, lanes = [], 0, {}
-        if group and stream.partial:
-            yield self._batch(group, skipped, lanes, read)
+        finally:  # (closed: the loader workers end now, not at interpreter exit)
+            if hasattr(items, "close"):
+                items.close()
 
     def _batch(self, group, skipped, lanes, read) -> dict:
         batch = self.dataset.collate(group)
         batch["n_skipped"], batch["data_state"] = skipped, lanes
         batch["read_mb"] = sum(read.values()) / 2 ** 20  # (every process of this rank, since it started)
         return batch
-
-    def close(self) -> None:
-        close = getattr(getattr(self, "_items", None), "close", None)
-        if close is not None:
-            close()
 
 
 def batches(stream: ShardStream) -> Batches:

@@ -83,9 +83,11 @@ class EMA:
         self.load_state_dict({"master": [state[n] for n in self._names]})
 
     def state_dict(self):
+        """The fp32 average (the tensors themselves: a checkpoint serialises them at once, with no copy of the
+        network in memory)."""
         if self.sharded:
             return {}
-        return {"master": [p.detach().clone() for p in self._master]}
+        return {"master": [p.detach() for p in self._master]}
 
     def load_state_dict(self, state):
         if self.sharded:
