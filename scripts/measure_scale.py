@@ -80,19 +80,23 @@ def first_step_after(log: str, t0: float, step: int) -> float:
     return when - t0
 
 
-def resume(urls: str, work: Path) -> None:
-    out = {}
+def resume(urls: str, work: Path, repeats: int = 3) -> None:
+    """Each checkpoint resumed `repeats` times, the two interleaved (the machine's speed drifts)."""
+    args = [*TINY, f"data.urls='{urls}'", "data.num_workers=0"]
     for steps in (20, 2000):
-        cwd = work / f"resume-{steps}"
-        cwd.mkdir()
-        args = [*TINY, f"data.urls='{urls}'", "data.num_workers=0"]
-        run([*args, f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}"], cwd)
-        t0 = time.time()
-        r = run([*args, f"trainer.max_steps={steps + 1}", "trainer.resume=latest"], cwd)
-        lanes = re.search(r"data: (\d+) lanes resumed: (\d+) buffered samples read back \(([\d.]+) MB, ([\d.]+) s\)",
-                          r.stdout + r.stderr)
-        out[steps] = {"start_to_first_step_s": round(first_step_after(r.stdout + r.stderr, t0, steps + 1), 2),
-                      "lanes_read_back_mb": float(lanes.group(3)), "lanes_read_back_s": float(lanes.group(4))}
+        (work / f"resume-{steps}").mkdir()
+        run([*args, f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}"], work / f"resume-{steps}")
+    out = {20: [], 2000: []}
+    for _ in range(repeats):
+        for steps in (20, 2000):
+            t0 = time.time()
+            r = run([*args, f"trainer.max_steps={steps + 1}", "trainer.checkpoint_every=0", "trainer.resume=latest"],
+                    work / f"resume-{steps}")
+            log = r.stdout + r.stderr
+            lanes = re.search(r"data: (\d+) lanes resumed: (\d+) buffered samples read back \(([\d.]+) MB, "
+                              r"([\d.]+) s\)", log)
+            out[steps].append({"start_to_first_step_s": round(first_step_after(log, t0, steps + 1), 2),
+                               "lanes_read_back_mb": float(lanes.group(3)), "lanes_read_back_s": float(lanes.group(4))})
     print(json.dumps({"measure": "resume", "samples_of_100kb_taken": {k: k * 4 for k in out}, "after": out}))
 
 
