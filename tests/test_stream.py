@@ -43,7 +43,7 @@ def take(s: ShardStream, n: int) -> list[dict]:
     try:
         return [next(it) for _ in range(n)]
     finally:
-        batches.close()
+        it.close()  # (the generator: its loader workers end now)
 
 
 def keys(batches) -> list[list[str]]:
