@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import ENV, TINY, final_weights, only_run, same_weights
-from test_scale_out import RTOL, losses, mean_difference, sigterm_at, torchrun
+from jobs import ENV, TINY, assert_every_weight_close, final_weights, only_run, same_weights
+from test_scale_out import RTOL, losses, sigterm_at, torchrun
 
 pytestmark = pytest.mark.slow
 RUN = [*TINY, "trainer.batch_size=4", "trainer.gradient_accumulation_steps=2", "trainer.max_steps=6",
@@ -48,8 +48,7 @@ def test_fsdp_follows_ddp(ddp, fsdp):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert math.isclose(a[step], b[step], rel_tol=RTOL), (step, a[step], b[step])
-    assert mean_difference(final_weights(ddp), final_weights(fsdp)) < 1e-6  # (the student's and the target's)
-    assert mean_difference(target(ddp), target(fsdp)) < 1e-6
+    assert_every_weight_close(final_weights(ddp), final_weights(fsdp))  # (the student's and the target's)
 
 
 def test_fsdp_run_checkpoints_shards_and_exports_the_full_networks(fsdp):
