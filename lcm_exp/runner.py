@@ -16,7 +16,7 @@ from .train import ranks, resume
 from .config import validate
 from .data import stream_of
 from .distill.ema import OnlineTarget
-from .distill.lcd import LCD
+from .distill.step import Step
 from .train.preemption import Preempted, SignalGuard, under_submitit
 from .export.registry import defaults
 from .tracking.provenance import run_tags
@@ -50,9 +50,11 @@ class Parts:
     teacher: object
     student: object
     ema: object
-    lcd: LCD
+    step: Step  # the method's step: its networks, parts and loss
     optim: object  # lcm_exp.train.optim.Optimisation
     scheduler: object
+    auxiliary: dict  # the method's other trained networks ({name: Auxiliary})
+    sampling: object  # how the students sample (the method's; validation, evaluation, export)
 
 
 def build(cfg: DictConfig, trainer) -> Parts:
@@ -66,21 +68,23 @@ def build(cfg: DictConfig, trainer) -> Parts:
     teacher = instantiate(cfg.teacher)
     student = instantiate(cfg.student, teacher=teacher)
     method.init_student(student)
+    auxiliary = method.auxiliary(teacher, student)  # (from the teacher's fp32 weights, before its cast)
     initial = [p.detach().clone() for p in student.trainable_parameters()]
     teacher.to(acc.device, trainer.weight_dtype)
     student.unet.to(acc.device)
     for p, p0 in zip(student.trainable_parameters(), initial):  # (LoRA's adapters sit in the teacher's UNet: the
         p.data = p0.to(acc.device)  # cast above rounded them; they train in fp32 from their fp32 initialisation)
     ema = make_ema(online=student.unet, dtype=trainer.weight_dtype) if student.ema_target else OnlineTarget(student.unet)
-    lcd = LCD(student=student.unet, target=ema.target, teacher=student.teacher_unet or teacher.unet,
-              schedule=teacher.schedule.to(acc.device), solver=solver,
-              skip=skip.for_teacher(teacher.num_train_timesteps), guidance=guidance,
-              distance=distance, w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
-              timestep_scaling=student.timestep_scaling,
-              teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
-              batched_cfg=trainer.batched_cfg, teacher_first=trainer.teacher_first, method=method)
+    skip = skip.for_teacher(teacher.num_train_timesteps)
+    step = Step(student=student.unet, target=ema.target, teacher=student.teacher_unet or teacher.unet,
+                schedule=teacher.schedule.to(acc.device), solver=solver, skip=skip, guidance=guidance,
+                distance=distance, w_embedding_dim=student.w_embedding_dim, sigma_data=student.sigma_data,
+                timestep_scaling=student.timestep_scaling,
+                teacher_dtype=trainer.weight_dtype if teacher.cast_to_mixed_precision else torch.float32,
+                batched_cfg=trainer.batched_cfg, teacher_first=trainer.teacher_first, method=method)
     optim = instantiate(cfg.optim)(params=student.trainable_parameters())
-    return Parts(teacher, student, ema, lcd, optim, optim.schedule(trainer.max_steps))
+    sampling = method.sampling(teacher, skip.num_steps, student.timestep_scaling)
+    return Parts(teacher, student, ema, step, optim, optim.schedule(trainer.max_steps), auxiliary, sampling)
 
 
 @dataclass
@@ -173,13 +177,13 @@ def train(job: Job, parts: Parts, guard: SignalGuard):
     `trainer.validation_every` steps); returns the data stream. With several processes the end of training is
     checkpointed by all of them (a failure after it, on rank 0 alone, could not save it)."""
     trainer, acc, student, ema = job.trainer, job.trainer.accelerator, parts.student, parts.ema
-    trainer.prepare(parts.lcd, student, ema, parts.optim.optimizer, parts.scheduler)
+    trainer.prepare(parts.step, student, ema, parts.optim.optimizer, parts.scheduler, parts.auxiliary)
     state = trainer.resume_from(job.candidates)
     data = job.data = instantiate(job.cfg.data)(batch_size=trainer.rank_batch_size, rank=acc.process_index,
                                                 world_size=acc.num_processes, teacher=parts.teacher,
                                                 state=state.get("data"))
     stream = stream_of(data)
-    job.validator = Validator(parts.teacher, student, ema.target, num_steps=parts.lcd.skip.num_steps,
+    job.validator = Validator(parts.teacher, student, ema.target, sampling=parts.sampling,
                               resolution=stream.resolution, out_dir=job.out_dir, tracker=job.tracker,
                               steps=job.tracker.validation_steps, prompts=job.tracker.validation_prompts,
                               seed=trainer.seed, w=sampling_w(job, parts), unwrap=trainer.unwrap,
@@ -211,18 +215,19 @@ def finish(job: Job, parts: Parts, stream) -> float:
     if trainer.global_step > 0:  # (validation_every=0: only at the end)
         job.validator(trainer.global_step, *((online, target) if trainer.sharded else ()))
     save_students(trainer, student, online, target, job.tracker)
-    w, num_steps = sampling_w(job, parts), parts.lcd.skip.num_steps
-    job.exporter(parts.teacher, student, online, target, trainer, job.tracker, num_steps,
-                 defaults(student, job.evaluator.objective, w, stream.resolution))
+    w = sampling_w(job, parts)
+    job.exporter(parts.teacher, student, online, target, trainer, job.tracker, parts.step.skip.num_steps,
+                 parts.sampling, defaults(student, job.evaluator.objective, w, stream.resolution),
+                 method=job.cfg.method.get("_target_"))
     if job.evaluator.enabled:
         objective = evaluate_at_end(job.evaluator, parts.teacher, student, online, target, trainer, job.tracker,
-                                    stream, w, num_steps)
+                                    stream, w, parts.sampling)
     return objective
 
 
 def sampling_w(job: Job, parts: Parts) -> float:
     """The guidance w at which validation, evaluation and the export's defaults sample."""
-    return parts.lcd.guidance.mid if job.evaluator.w is None else float(job.evaluator.w)
+    return parts.step.guidance.mid if job.evaluator.w is None else float(job.evaluator.w)
 
 
 def save_what_is_done(trainer, data, keep: dict | None) -> None:
@@ -290,7 +295,7 @@ def save_students(trainer, student, online, target, tracker) -> None:
 
 
 def evaluate_at_end(evaluator, teacher, student, online, target, trainer, tracker, stream, w: float,
-                    num_steps: int) -> float:
+                    sampling) -> float:
     """The evaluation of the trained student (`lcm_exp.evaluation.evaluator`); returns `eval.objective`."""
     from .evaluation.evaluator import evaluate_run
 
@@ -298,8 +303,7 @@ def evaluate_at_end(evaluator, teacher, student, online, target, trainer, tracke
     net = student.inference_unet(net)  # a plain UNet (LoRA: merged into a copy)
     student.teacher_again()  # from here on teacher.unet is the plain teacher (the evaluation's baselines)
     metrics = evaluate_run(evaluator, teacher, net, stream.eval_source, tracker, trainer.output_dir,
-                           step=trainer.global_step, w=w, resolution=stream.resolution, num_steps=num_steps,
-                           timestep_scaling=student.timestep_scaling)
+                           step=trainer.global_step, w=w, resolution=stream.resolution, sampling=sampling)
     if evaluator.objective not in metrics:
         log.error("eval.objective=%s was not computed (have: %s); returning nan", evaluator.objective,
                   ", ".join(sorted(metrics)))

@@ -71,12 +71,13 @@ class Student:
     def saved(self, folder: Path) -> bool:
         return (Path(folder) / "student_unet").is_dir()
 
-    def export(self, teacher, net, out: Path, scheduler) -> str:
-        """Writes what a diffusers user loads into `out`; returns how to load it."""
+    def export(self, teacher, net, out: Path, scheduler, plain: bool = False) -> str:
+        """Writes what a diffusers user loads into `out` (`plain`: in the teacher family's own pipeline, whose
+        call takes `eta` and `timesteps`); returns how to load it."""
         from .teachers.pipelines import export_pipeline
 
-        plain = net if net.dtype == torch.float32 else copy.deepcopy(net).float()
-        export_pipeline(teacher, plain, scheduler).save_pretrained(out, safe_serialization=True)
+        fp32 = net if net.dtype == torch.float32 else copy.deepcopy(net).float()
+        export_pipeline(teacher, fp32, scheduler, plain=plain).save_pretrained(out, safe_serialization=True)
         return "pipe = DiffusionPipeline.from_pretrained(folder)"
 
 
@@ -194,16 +195,17 @@ class LoraStudent(Student):
     def saved(self, folder: Path) -> bool:
         return (Path(folder) / "student_lora").is_dir()
 
-    def export(self, teacher, net, out: Path, scheduler) -> str:
+    def export(self, teacher, net, out: Path, scheduler, plain: bool = False) -> str:
         """`pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder)` on the base model, and
-        `scheduler/` with the LCMScheduler config."""
+        `scheduler/` with the method's scheduler config."""
         from .teachers.pipelines import lora_pipeline_class
 
         cls = lora_pipeline_class(teacher)
         cls.save_lora_weights(out, unet_lora_layers=lora_state_dict(net), safe_serialization=True)
         scheduler.save_pretrained(Path(out) / "scheduler")
         return (f"pipe = {cls.__name__}.from_pretrained(base_model); pipe.scheduler = "
-                "LCMScheduler.from_pretrained(folder, subfolder='scheduler'); pipe.load_lora_weights(folder)")
+                f"{type(scheduler).__name__}.from_pretrained(folder, subfolder='scheduler'); "
+                "pipe.load_lora_weights(folder)")
 
 
 def lora(teacher, lora_rank: int, lora_alpha: int, lora_dropout: float, lora_target_modules: list[str],

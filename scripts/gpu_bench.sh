@@ -66,6 +66,7 @@ run no_fused_adamw optim.fused=false
 run no_teacher_first trainer.teacher_first=false
 run channels_last trainer.channels_last=true
 run grad_checkpointing trainer.gradient_checkpointing=true
+run methods "bench.methods=[tcd,pcm,dmd2,ct]"   # each method's step against LCD's, interleaved
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
 print(f"{'config':<26}{'ref s/s':>9}{'ours s/s':>9}{'speedup':>8}{'ref MB':>9}{'ours MB':>9}")

@@ -80,7 +80,7 @@ def test_ours_is_the_method_the_config_names(tmp_path, monkeypatch):
     cfg = compose_bench(f"data.cache_dir={tmp_path}", "method=ct", "bench.cached=false")
     batch = batch_of(cfg)
     ours = Ours(cfg, batch)
-    assert type(ours.parts.lcd.method).__name__ == "ConsistencyTraining"
+    assert type(ours.parts.step.method).__name__ == "ConsistencyTraining"
     calls = []
     teacher_forward = ours.parts.teacher.unet.forward
     ours.parts.teacher.unet.forward = lambda *a, **k: calls.append(1) or teacher_forward(*a, **k)
@@ -135,7 +135,7 @@ def test_bench_command_prints_json_last(tmp_path):
     r = subprocess.run([sys.executable, "-c", "from lcm_exp.cli import bench; bench()", "data.resolution=32",
                         "trainer.batch_size=2", "bench.warmup=1", "bench.rounds=2", "bench.steps_per_round=1",
                         "bench.flops=true", f"data.cache_dir={tmp_path}",
-                        "bench.ablate=[batched_cfg,cast_frozen]"], cwd=tmp_path, capture_output=True,
+                        "bench.ablate=[batched_cfg,cast_frozen]", "bench.methods=[dmd2]"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -143,7 +143,7 @@ def test_bench_command_prints_json_last(tmp_path):
                 "ours_peak_mem_mb", "device", "method"):
         assert key in result
     assert result["device"] == "cpu" and result["steps_timed"] == 2
-    assert result["method"] == "lcm_exp.distill.methods.Distillation"
+    assert result["method"] == "lcm_exp.distill.methods.lcd.Distillation"
     assert result["speedup"] == result["ours_samples_per_s"] / result["reference_samples_per_s"]
     # the ablation ran interleaved with the others; nothing is cast in fp32, so there was no variant to time
     assert result["without_batched_cfg_samples_per_s"] > 0
@@ -151,5 +151,8 @@ def test_bench_command_prints_json_last(tmp_path):
                                                      / result["reference_samples_per_s"])
     assert "without_cast_frozen_samples_per_s" not in result and "nothing is cast in fp32" in r.stderr + r.stdout
     assert 0 < result["ours_tflop_per_step"] < result["reference_tflop_per_step"]
+    # DMD2's step, interleaved too: 5 fake-score updates (forward and backward each) make it several LCD steps
+    assert 0 < result["speedup_method_dmd2"] < result["speedup"] / 2
     if sys.platform == "linux":  # CPU peak memory: at least the networks each path keeps resident
         assert result["reference_peak_mem_mb"] > 5 and result["ours_peak_mem_mb"] > 5
+        assert result["method_dmd2_peak_mem_mb"] > result["ours_peak_mem_mb"]  # (the fake score and its AdamW)

@@ -36,7 +36,7 @@ def fit(tmp_path, *overrides):
                                            f"data.cache_dir={tmp_path}", *overrides])
     trainer = instantiate(cfg.trainer)(job_dir=str(tmp_path / "run"))
     parts = build(cfg, trainer)
-    trainer.prepare(parts.lcd, parts.student, parts.ema, parts.optim.optimizer, parts.scheduler)
+    trainer.prepare(parts.step, parts.student, parts.ema, parts.optim.optimizer, parts.scheduler, parts.auxiliary)
     data = instantiate(cfg.data)(batch_size=2, teacher=parts.teacher)
     trainer.fit(parts.teacher, data, NoTracker(), max_grad_norm=1.0, state={"config": trajectory_config(cfg)})
     return trainer
@@ -145,3 +145,19 @@ def test_a_complete_save_cut_between_its_renames_is_restored(tmp_path):
     done.rename(moved)  # as if the process died after writing trainer_state.json, before the final rename
     ckpt.clear_temporary(trainer.checkpoint_dir)
     assert [p.name for p in ckpt.listed(trainer.checkpoint_dir)] == ["checkpoint-1"] and not moved.exists()
+
+
+def test_a_target_at_another_path_of_the_same_class_is_the_same_trajectory():
+    """A checkpoint names the method's class by the path it had then: a path that still names the same class (a
+    re-export, a module of the flat layout) is no change; another class is."""
+    from lcm_exp.train.resume import differences
+
+    def method(target):
+        return {"method": {"_target_": target}}
+
+    now = method("lcm_exp.distill.methods.lcd.Distillation")
+    for same in ("lcm_exp.distill.methods.Distillation", "lcm_exp.methods.Distillation"):
+        assert differences(method(same), now) == []
+    assert differences(method("lcm_exp.distill.methods.ct.ConsistencyTraining"), now) == [
+        "method._target_: lcm_exp.distill.methods.ct.ConsistencyTraining -> lcm_exp.distill.methods.lcd.Distillation"]
+    assert len(differences(method("lcm_exp.no_such.Thing"), now)) == 1

@@ -12,6 +12,13 @@ from lcm_exp.evaluation.evaluator import MODELS, markdown_table, objective_direc
 from parts import part
 
 
+def lcd_sampling(teacher):
+    """LCD's sampler on a 50-step grid (k = 20), as the runner gives the evaluator."""
+    from lcm_exp.distill.methods import Method
+
+    return Method().sampling(teacher, 50, 10.0)
+
+
 def evaluator(**kw):
     """The evaluator of conf/eval/default.yaml with some of its keys changed."""
     return part("eval", **kw)(device="cpu")
@@ -36,8 +43,7 @@ def result(models):
     teacher, student = models
     ev = evaluator(steps=[1, 2, 6], num_prompts=3, reference_steps=6, batch_size=2, fid=False)
     prompts = ["a red circle", "a small blue square", "a green triangle on the left"]
-    return ev, ev.evaluate(teacher, student, prompts, w=3.0, height=32, width=32, original_inference_steps=50,
-                           timestep_scaling=10.0)
+    return ev, ev.evaluate(teacher, student, prompts, w=3.0, height=32, width=32, sampling=lcd_sampling(teacher))
 
 
 def test_every_metric_for_every_model_and_step(result):
@@ -64,7 +70,7 @@ def test_teacher_ddim_at_reference_steps_is_the_reference(result):
 def test_same_noise_same_result(models, result):
     teacher, student = models
     ev, res = result
-    again = ev.sample(teacher, student, res.prompts, 3.0, 32, 32, 50, 10.0)
+    again = ev.sample(teacher, student, res.prompts, 3.0, 32, 32, lcd_sampling(teacher))
     for key in ("reference", "student_2step", "teacher_dpmpp_2step"):
         assert torch.equal(again[key], res.latents[key])
 
@@ -113,7 +119,7 @@ def test_missing_fid_weights_reported_once_others_kept(models, caplog):
     ev = evaluator(steps=[1, 2], num_prompts=2, reference_steps=4, fid=True, fid_weights="/nonexistent/incep.pt")
     with caplog.at_level("WARNING"):
         res = ev.evaluate(teacher, student, ["a red circle", "a blue square"], w=3.0, height=32, width=32,
-                          original_inference_steps=50, timestep_scaling=10.0,
+                          sampling=lcd_sampling(teacher),
                           real_images=lambda n: torch.rand(n, 3, 32, 32))
     fid_warnings = [r for r in caplog.records if "'fid' not computed" in r.getMessage()]
     assert len(fid_warnings) == 1 and "nonexistent" in fid_warnings[0].getMessage()
@@ -149,7 +155,7 @@ def test_clip_score_from_a_local_folder(models, tmp_path):
     teacher.tokenizer.save_pretrained(tmp_path / "clip")
     ev = evaluator(steps=[1], num_prompts=2, reference_steps=2, fid=False, clip_model=str(tmp_path / "clip"))
     res = ev.evaluate(teacher, student, ["a red circle", "a blue square"], w=3.0, height=32, width=32,
-                      original_inference_steps=50, timestep_scaling=10.0)
+                      sampling=lcd_sampling(teacher))
     assert not res.unavailable
     for model in MODELS:
         assert 0.0 <= res.metrics[f"eval/{model}_1step/clip_score"] <= 100.0

@@ -21,6 +21,7 @@ CASES = [
     (["solver=midpoint"], ("solver", "midpoint")),
     (["loss=l1"], ("loss", "l1")),
     (["method=interpolated"], ("method", "interpolated")),
+    (["method=critic"], ("method", "critic")),
     (["guidance=constant"], ("guidance", "constant")),
     (["student=head_only"], ("student", "head_only")),
 ]
@@ -49,6 +50,28 @@ def test_a_users_part_trains(tmp_path, default, overrides, choice):
     assert mlflow_run.data.params[f"{group}._target_"].startswith("my_parts.")
     assert losses[1] != default[1] or (group == "student" and losses[3] != default[3])  # (a student kind: same
     # first loss, as every kind starts as the teacher; then it trains other weights)
+
+
+def test_a_users_method_trains_its_auxiliary_network_and_checkpoints_it(tmp_path):
+    """The critic of `my_parts.Critic` is prepared, trained (one update per micro-step) and checkpointed beside the
+    student, with its optimiser, and a resume continues both exactly."""
+    from safetensors.torch import load_file
+
+    run(tmp_path, "method=critic", "trainer.checkpoint_every=1")
+    one, two = sorted(tmp_path.glob("outputs/*/*/checkpoints/checkpoint-*"), key=lambda p: int(p.name[11:]))[-2:]
+    critic = [load_file(c / "model_1.safetensors") for c in (one, two)]
+    assert critic[0].keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert not torch.equal(critic[0]["0.weight"], critic[1]["0.weight"])  # trained between the steps
+    assert (two / "custom_checkpoint_1.pkl").exists()  # its Adam state
+    history, _ = loss_history(tmp_path)
+    path = os.pathsep.join(p for p in (str(EXT), os.environ.get("PYTHONPATH", "")) if p)
+    lcm_exp([*RUN, "method=critic", "trainer.max_steps=4", f"trainer.resume={two}"], tmp_path,
+            env={"PYTHONPATH": path})
+    (cut := tmp_path / "through").mkdir()
+    lcm_exp([*RUN, "method=critic", "trainer.max_steps=4"], cut, env={"PYTHONPATH": path})
+    resumed, _ = loss_history(tmp_path)
+    through, _ = loss_history(cut)
+    assert resumed[4] == through[4]  # the critic and its optimiser continued exactly
 
 
 def test_a_users_student_kind_trains_what_it_says(tmp_path, default):

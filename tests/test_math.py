@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from lcm_exp.distill import losses, solvers
 from lcm_exp.distill.ema import EMA
 from lcm_exp.distill.guidance import UniformGuidance, guidance_embedding
-from lcm_exp.distill.lcd import boundary_scalings, x0_and_eps
+from lcm_exp.distill.step import boundary_scalings, x0_and_eps
 from lcm_exp.distill.schedules import VPSchedule
 from lcm_exp.distill.skip import SkipSchedule
 
@@ -123,7 +123,7 @@ def test_ema_update():
 
 
 def test_frozen_networks_run_natively_only_when_wholly_low_precision():
-    from lcm_exp.distill.lcd import native_dtype
+    from lcm_exp.distill.step import native_dtype
     from lcm_exp.students import AdaptersDisabled
 
     lin = torch.nn.Linear(2, 2)

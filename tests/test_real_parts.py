@@ -28,6 +28,7 @@ def inputs(seed=0):
 def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher, tmp_path):
     from diffusers import DiffusionPipeline
 
+    from lcm_exp.distill.methods import Method
     from lcm_exp.export.exporter import export
 
     t = teacher()
@@ -48,7 +49,7 @@ def test_lora_teacher_pass_is_the_base_model_and_export_reloads_exactly(teacher,
         assert (student - want).abs().max() > 1e-2  # adapters on again after the teacher pass
         merged = s.inference_unet(s.unet)(z, tt, encoder_hidden_states=c).sample
         assert torch.allclose(merged, student, atol=1e-5)
-    out = export(t, s, s.unet, tmp_path / "export", num_steps=50)
+    out = export(t, s, s.unet, tmp_path / "export", num_steps=50, sampling=Method().sampling(t, 50, 10.0))
     pipe = DiffusionPipeline.from_pretrained(t.path)
     pipe.load_lora_weights(out)
     with torch.no_grad():
@@ -83,7 +84,7 @@ def test_stochastic_depth_drops_whole_blocks_in_training_only(teacher):
 def test_consistency_training_target_is_the_closed_form():
     """CT: the target is taken at z_{t_n} = √ᾱ_{t_n} z + √(1−ᾱ_{t_n}) ε with the ε of z_{t_{n+k}}; no teacher call."""
     from lcm_exp.distill.guidance import UniformGuidance
-    from lcm_exp.distill.lcd import LCD
+    from lcm_exp.distill.step import Step
     from lcm_exp.distill.losses import l2
     from lcm_exp.distill.methods import ConsistencyTraining
     from lcm_exp.distill.schedules import VPSchedule
@@ -106,7 +107,7 @@ def test_consistency_training_target_is_the_closed_form():
     ac = torch.cumprod(1 - betas, 0)
     student, target = Net(), Net()
     skip = SkipSchedule(20, 1000)
-    lcd = LCD(student=student, target=target, teacher=no_teacher, schedule=VPSchedule(ac, "epsilon"), solver=None,
+    lcd = Step(student=student, target=target, teacher=no_teacher, schedule=VPSchedule(ac, "epsilon"), solver=None,
               skip=skip, guidance=UniformGuidance(3, 3), distance=l2, method=ConsistencyTraining(from_scratch=False))
     from lcm_exp.distill.draws import Draws, row_seed
 

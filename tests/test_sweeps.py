@@ -28,8 +28,8 @@ def compose_sweep(name: str):
         return compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
 
 
-def test_the_six_studies_are_there():
-    assert {"skip_k", "loss", "guidance", "ema", "solver", "search"} <= set(SWEEPS)
+def test_the_seven_studies_are_there():
+    assert {"skip_k", "loss", "guidance", "ema", "solver", "search", "methods"} <= set(SWEEPS)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -61,7 +61,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("lcm_exp_cache")
 
 
-JOBS = {"skip_k": 5, "loss": 5, "guidance": 4, "ema": 5, "solver": 3}  # the README's table
+JOBS = {"skip_k": 5, "loss": 5, "guidance": 4, "ema": 5, "solver": 3}  # the README's table (methods: below)
 
 
 @pytest.mark.slow
@@ -109,6 +109,32 @@ def artifact_paths(client, run_id, path=None):
     for a in client.list_artifacts(run_id, path):
         out |= artifact_paths(client, run_id, a.path) if a.is_dir else {a.path}
     return out
+
+
+@pytest.mark.slow
+def test_methods_sweep_report_draws_a_line_per_method(tmp_path, cache):
+    """`+sweep=methods` (here 2 steps per job, a tiny evaluation, no FID): one child per method, the report's
+    table ranks them and its metric-vs-steps chart has one line per method; the MLflow view has a method column."""
+    import json
+
+    rc, out, _ = lcm_exp(["+sweep=methods", *TINY, *TINY_EVAL, "eval.fid=false"], tmp_path, cache)
+    assert rc == 0, out[-3000:]
+    client, parent, children = store(tmp_path)
+    assert sorted(r.data.params["method"] for r in children) == ["ct", "dmd2", "lcd", "pcm", "tcd"]
+    assert all(r.info.status == "FINISHED" for r in children), out[-3000:]
+    assert sorted(r.info.run_name for r in children) == [f"method={m}" for m in ("ct", "dmd2", "lcd", "pcm", "tcd")]
+    rc, out, stdout = command("report", [f"parent={parent.info.run_id}"], tmp_path)
+    assert rc == 0, out[-3000:]
+    folder = Path(stdout.strip().splitlines()[-1])
+    rows = list(csv.DictReader(open(folder / "table.csv")))
+    assert sorted(r["method"] for r in rows) == ["ct", "dmd2", "lcd", "pcm", "tcd"]
+    assert (folder / "psnr_to_ref_vs_steps.png").stat().st_size > 15_000
+    from lcm_exp.evaluation import report
+
+    lines = report.steps_lines(report.find_runs(client, parent.info.run_id, None)[0], ["method"], "psnr_to_ref")
+    assert sorted(lines) == ["method=ct", "method=dmd2", "method=lcd", "method=pcm", "method=tcd"]
+    view = json.loads(client.get_experiment(parent.info.experiment_id).tags["mlflow.sharedViewState.lcm-exp"])
+    assert "params.`method`" in json.dumps(view)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ Ours is what `lcm-exp` trains with: every part built by `runner.build` from the 
 solver, loss, student, teacher, ...), prepared by the trainer with its speed switches, and stepped by
 `Trainer.step`. With `bench.cached` it reads what `data=cached` stores (the VAE posterior and the text
 embeddings), so it skips the encoders as training on cached shards does. `bench.ablate` adds our step again
-with one switch off. The paths take turns (interleaved rounds, alternating order) after a warm-up, so drift
+with one switch off; `bench.methods` adds it with each other method (its cost against LCD's). The paths take turns (interleaved rounds, alternating order) after a warm-up, so drift
 hits all alike; the last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ class Ours:
         self.name, self.cfg = name, cfg
         self.trainer = trainer = instantiate(cfg.trainer)()
         self.parts = parts = build(cfg, trainer)
-        trainer.prepare(parts.lcd, parts.student, parts.ema, parts.optim.optimizer, parts.scheduler)
+        trainer.prepare(parts.step, parts.student, parts.ema, parts.optim.optimizer, parts.scheduler,
+                        parts.auxiliary)
         self.batch = batch
         if cfg.bench.cached:  # data=cached: what `lcm-exp-precompute` stores per sample
             teacher, device = parts.teacher, trainer.accelerator.device
@@ -64,9 +65,10 @@ class Ours:
     def own(self) -> list:
         """Every tensor this path keeps: the teacher's networks, student, target, optimiser state."""
         p = self.parts
-        nets = [*p.teacher.frozen_modules(), p.student.unet]
+        nets = [*p.teacher.frozen_modules(), p.student.unet, *(a.module for a in p.auxiliary.values())]
         tensors = [t for m in nets for t in m.parameters()] + list(getattr(p.ema, "owned_tensors", list)())
-        return tensors + [t for st in self.trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        optimizers = [self.trainer.optimizer, *getattr(self.trainer, "auxiliary_optimizers", [])]
+        return tensors + [t for o in optimizers for st in o.state.values() for t in st.values() if torch.is_tensor(t)]
 
     def step(self, i: int) -> torch.Tensor:
         """Step `i`: its draws are `draws(i)`'s, as the reference's."""
@@ -106,6 +108,20 @@ def ablations(names) -> dict[str, list[str]]:
 
 def variant(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+
+
+def with_method(cfg: DictConfig, name: str) -> DictConfig:
+    """`cfg` with the method group set to conf/method/`name`.yaml (as `method=name` would compose it)."""
+    from ..config.options import config_dir
+
+    path = Path(config_dir()) / "method" / f"{name}.yaml"
+    if not path.exists():
+        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"bench.methods: no method {name!r}; choose from {choices}")
+    out = OmegaConf.merge(cfg, {})
+    OmegaConf.set_struct(out, False)
+    out.method = OmegaConf.load(path)
+    return out
 
 
 def inert(name: str, cfg: DictConfig) -> str | None:
@@ -190,6 +206,8 @@ def run_bench(cfg: DictConfig) -> dict:
             log.info("bench.ablate: nothing to time without %s here: %s", n, why)
             continue
         paths.append(Ours(variant(cfg, overrides), batch, name=f"without_{n}"))
+    for m in b.get("methods") or []:  # each method's step, interleaved with the others: its cost against LCD's
+        paths.append(Ours(with_method(cfg, m), batch, name=f"method_{m}"))
     times, peak = time_interleaved(paths, device, b.warmup, b.rounds, b.steps_per_round)
     if device.type == "cpu" and sys.platform.startswith("linux"):
         peak = cpu_peaks(paths, 0) or peak

@@ -19,7 +19,7 @@ import yaml
 PACKAGE = Path(__file__).resolve().parents[1]
 TARGET = "_target_"
 MOVED = {
-    "lcm_exp.lcd": "lcm_exp.distill.lcd", "lcm_exp.methods": "lcm_exp.distill.methods",
+    "lcm_exp.lcd": "lcm_exp.distill.step", "lcm_exp.methods": "lcm_exp.distill.methods",
     "lcm_exp.solvers": "lcm_exp.distill.solvers", "lcm_exp.skip": "lcm_exp.distill.skip",
     "lcm_exp.losses": "lcm_exp.distill.losses", "lcm_exp.guidance": "lcm_exp.distill.guidance",
     "lcm_exp.schedules": "lcm_exp.distill.schedules", "lcm_exp.ema": "lcm_exp.distill.ema",

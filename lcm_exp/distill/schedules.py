@@ -60,3 +60,13 @@ class VPSchedule:
     def x0_and_eps(self, model_output: torch.Tensor, t: torch.Tensor, z_t: torch.Tensor):
         """(x̂0, ε̂) from the model's output at (z_t, t)."""
         return x0_and_eps(model_output, t, z_t, self.alphas_cumprod, self.prediction_type)
+
+    def model_output(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What a network of this parameterisation outputs at z_t = α_t x0 + σ_t ε: ε, v = α_t ε − σ_t x0, or x0
+        (the denoising target a copy of the teacher trains on)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "v_prediction":
+            alpha, sigma = self.alpha_sigma(t, x0)
+            return alpha * eps - sigma * x0
+        return x0

@@ -1,8 +1,9 @@
 """Evaluation: what distillation buys at 1, 2, 4 and 8 steps (the LCM paper's headline table, per run).
 
 For a fixed, seeded set of prompts, initial noises and one w, we sample
-- the student with diffusers' `LatentConsistencyModelPipeline` + the teacher's consistency sampler (`LCMScheduler`
-  for SD-family teachers; `original_inference_steps` = T // skip.k, the training grid; `guidance_scale` = w + 1),
+- the student with its method's sampler (`Method.sampling`: `LCMScheduler` for LCD and CT on SD-family teachers,
+  `original_inference_steps` = T // skip.k, the training grid; `TCDScheduler` for TCD and PCM; `guidance_scale` =
+  w + 1) in diffusers' `LatentConsistencyModelPipeline` (or the teacher's pipeline where the sampler needs it),
 - the teacher with `StableDiffusionPipeline` + each of its own samplers (`Teacher.solvers`: DDIM and DPM-Solver++)
   at the same step counts,
 - the reference: the teacher's DDIM at `eval.reference_steps` from the same noise, prompt and w,
@@ -73,9 +74,9 @@ class Evaluator:
     """Built from `conf/eval/` (`instantiate(cfg.eval)(device=...)`); `evaluate(...)` samples and measures."""
 
     def __init__(self, steps: list, num_prompts: int, reference_steps: int, seed: int, w: float | None,
-                 objective: str, enabled: bool, prompts: list, batch_size: int, model: str, timestep_spacing: str,
+                 objective: str, enabled: bool, prompts: list | str, batch_size: int, model: str, timestep_spacing: str,
                  psnr_cap: float, fid: bool | None, fid_weights: str | None, num_real: int, clip_model: str | None,
-                 device: torch.device | str | None = None):
+                 fid_steps: list | None, device: torch.device | str | None = None):
         from ..config import invalid
 
         checks = [(all(int(s) >= 1 for s in steps), "steps", list(steps), "step counts >= 1"),
@@ -92,10 +93,11 @@ class Evaluator:
                 raise invalid(f"eval.{key}", value, expected)
         self.steps = [int(s) for s in steps]
         self.num_prompts, self.reference_steps, self.seed, self.w = int(num_prompts), int(reference_steps), int(seed), w
-        self.objective, self.enabled, self.prompts = objective, enabled, list(prompts or [])
+        self.objective, self.enabled, self.prompts = objective, enabled, prompt_list(prompts)
         self.batch_size, self.model, self.timestep_spacing = int(batch_size), model, timestep_spacing
         self.psnr_cap, self.fid, self.fid_weights, self.num_real = float(psnr_cap), fid, fid_weights, int(num_real)
         self.clip_model = clip_model
+        self.fid_steps = None if fid_steps is None else [int(s) for s in fid_steps]  # (None: every step count)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._warned: dict[str, str] = {}
 
@@ -112,13 +114,12 @@ class Evaluator:
         g = torch.Generator().manual_seed(self.seed)
         return torch.randn((n, teacher.unet.config.in_channels, height // f, width // f), generator=g)
 
-    def pipelines(self, teacher, student_unet, original_inference_steps: int, timestep_scaling: float):
-        """{"student": its pipeline with the teacher's consistency sampler, "teacher_<solver>": the teacher's
+    def pipelines(self, teacher, student_unet, sampling):
+        """{"student": its pipeline with the method's sampler (`sampling`), "teacher_<solver>": the teacher's
         pipeline with each of its own samplers (`Teacher.solvers`)}."""
         parts, teacher_cls, _ = pipeline_parts(teacher)
         spacing = dict(timestep_spacing=self.timestep_spacing, steps_offset=1)  # SD's offset; unused by trailing
-        pipes = {"student": student_pipeline(
-            teacher, student_unet, teacher.consistency_scheduler(original_inference_steps, timestep_scaling))}
+        pipes = {"student": student_pipeline(teacher, student_unet, sampling.scheduler, plain=sampling.plain)}
         for solver in teacher.solvers:
             pipes[f"teacher_{solver}"] = teacher_cls(unet=teacher.unet, scheduler=teacher.solver_scheduler(solver, **spacing),
                                                      **parts)
@@ -144,19 +145,19 @@ class Evaluator:
 
     @torch.no_grad()
     def sample(self, teacher, student_unet, prompts: list[str], w: float, height: int, width: int,
-               original_inference_steps: int, timestep_scaling: float) -> dict[str, torch.Tensor]:
+               sampling) -> dict[str, torch.Tensor]:
         """{"<model>_<n>step": latents, ..., "reference": latents} from the same noise, prompts and w."""
         student_unet = student_unet.to(self.device).eval()
         if student_unet.dtype != teacher.unet.dtype:
             student_unet = torch.nn.Module.to(student_unet, teacher.unet.dtype)  # (no diffusers warning)
-        pipes = self.pipelines(teacher, student_unet, original_inference_steps, timestep_scaling)
+        pipes = self.pipelines(teacher, student_unet, sampling)
         noise = self.noise(teacher, len(prompts), height, width)
         out = {"reference": self._sample(pipes["teacher_ddim"], prompts, noise, self.reference_steps, w)}
         for model, pipe in pipes.items():
             for n in self.steps:
-                kw, w_n = {}, w
+                kw, w_n = (sampling.kwargs(n) if model == "student" else {}), w
                 if model == "student" and type(pipe).__name__ == "LatentConsistencyModelPipeline":
-                    kw = {"original_inference_steps": original_inference_steps}
+                    kw["original_inference_steps"] = sampling.scheduler.config.original_inference_steps
                 if model == "student" and student_unet.config.time_cond_proj_dim is None:
                     # w is distilled into the LoRA: guidance_scale = w + 1 = 1 (no CFG)
                     w_n = 0.0
@@ -171,13 +172,12 @@ class Evaluator:
         return torch.cat(out).clamp(0, 1)
 
     # -------------------------------------------------------------------------------------------------- evaluate
-    def evaluate(self, teacher, student_unet, prompts: list[str], w: float, height: int, width: int,
-                 original_inference_steps: int, timestep_scaling: float,
+    def evaluate(self, teacher, student_unet, prompts: list[str], w: float, height: int, width: int, sampling,
                  real_images: Callable[[int], torch.Tensor] | None = None, adherence: bool = False) -> EvalResult:
-        """Samples every model at every step count and computes every metric it can."""
+        """Samples every model at every step count (the student with its method's `sampling`) and computes every
+        metric it can."""
         res = EvalResult(prompts=list(prompts), steps=list(self.steps))
-        res.latents = self.sample(teacher, student_unet, res.prompts, w, height, width, original_inference_steps,
-                                  timestep_scaling)
+        res.latents = self.sample(teacher, student_unet, res.prompts, w, height, width, sampling)
         res.images = {k: self.decode(teacher, v) for k, v in res.latents.items()}
         ref_lat, ref_img = res.latents["reference"], res.images["reference"]
         names = [f"{m}_{n}step" for m in MODELS for n in self.steps if f"{m}_{n}step" in res.latents]
@@ -186,7 +186,8 @@ class Evaluator:
             res.metrics[f"eval/{name}/psnr_to_ref"] = M.psnr(res.images[name], ref_img, cap=self.psnr_cap)
         if adherence:
             self._per_model(res, names, "adherence", lambda imgs: M.adherence(imgs, res.prompts))
-        self._inception_metrics(res, names, real_images)
+        fid_names = [n for n in names if self.fid_steps is None or int(n.rsplit("_", 1)[1][:-4]) in self.fid_steps]
+        self._inception_metrics(res, fid_names, real_images)
         if self.clip_model:
             scorer = self._guard("clip_score", lambda: M.ClipScorer(self.clip_model, self.device))
             if scorer is not None:
@@ -292,6 +293,21 @@ def write_report(res: EvalResult, out_dir: Path, reference_steps: int | None = N
 
 
 # ---------------------------------------------------------------------------------------------------- a run
+def prompt_list(prompts) -> list[str]:
+    """`eval.prompts`: a list of prompts, or the path of a text file with one prompt per line (blank lines and
+    `#` comments left out)."""
+    if isinstance(prompts, str):
+        from pathlib import Path as _Path
+
+        path = _Path(prompts).expanduser()
+        if not path.is_file():
+            from ..config import invalid
+
+            raise invalid("eval.prompts", prompts, "a list of prompts or a text file of prompts, one per line")
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [str(p) for p in (prompts or [])]
+
+
 def eval_prompts(evaluator: Evaluator, source) -> list[str]:
     """`eval.prompts` when given; else the dataset's held-out prompts (data=shapes); else its first captions."""
     if evaluator.prompts:
@@ -323,17 +339,16 @@ def real_images_fn(source, batch: int = 64):
 
 
 def evaluate_run(evaluator: Evaluator, teacher, student_unet, source, tracker, out_dir: Path, step: int, w: float,
-                 resolution: int, num_steps: int, timestep_scaling: float) -> dict[str, float]:
+                 resolution: int, sampling) -> dict[str, float]:
     """The evaluation of one run: samples, measures, writes the table and the grid into `out_dir/eval/`,
     logs metrics and artifacts (artifact path `eval/`) to the tracker's run, returns the metrics. `source`: the
-    dataset's `EvalSource`; `w`: the guidance's mid-range w unless `eval.w` is set; `num_steps`: the training
-    grid's N = T // k."""
+    dataset's `EvalSource`; `w`: the guidance's mid-range w unless `eval.w` is set; `sampling`: how the method's
+    students sample."""
     ev = evaluator
     w = float(ev.w) if ev.w is not None else float(w)
     prompts = eval_prompts(ev, source)
     unet = copy.deepcopy(student_unet)  # eval may cast; the trained module stays as it is
-    res = ev.evaluate(teacher, unet, prompts, w=w, height=resolution, width=resolution,
-                      original_inference_steps=num_steps, timestep_scaling=float(timestep_scaling),
+    res = ev.evaluate(teacher, unet, prompts, w=w, height=resolution, width=resolution, sampling=sampling,
                       real_images=real_images_fn(source, ev.batch_size), adherence=source.adherence)
     paths = write_report(res, Path(out_dir) / "eval", reference_steps=ev.reference_steps)
     tracker.log_metrics({**headline_metrics(res.metrics, ev.objective, res.steps), **res.metrics}, step)

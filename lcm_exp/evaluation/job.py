@@ -85,9 +85,9 @@ def main(cli: DictConfig) -> dict[str, float]:
     status = "FAILED"
     try:
         step = json.loads((out / RUN_FILE).read_text()).get("step", 0) if (out / RUN_FILE).exists() else 0
+        sampling = instantiate(cfg.method).sampling(teacher, skip.num_steps, student.timestep_scaling)
         metrics = evaluate_run(evaluator, teacher, net.to(device), stream.eval_source, tracker, out, step=step, w=w,
-                               resolution=stream.resolution, num_steps=skip.num_steps,
-                               timestep_scaling=student.timestep_scaling)
+                               resolution=stream.resolution, sampling=sampling)
         status = "FINISHED"
     finally:
         tracker.end(status)

@@ -283,6 +283,12 @@ def by_steps(metrics: dict, model: str, family: str) -> list[tuple[int, float]]:
     return sorted(pts)
 
 
+def steps_lines(runs, params, family: str) -> dict[str, list[tuple[int, float]]]:
+    """{a run's label (its swept params, e.g. `method=tcd`): [(steps, its student's `family` metric)]}, the lines
+    of the steps chart."""
+    return {label(r, params): pts for r in runs if (pts := by_steps(r.data.metrics, "student", family))}
+
+
 def plot_steps_chart(runs, params, family: str, folder: Path, swept: str) -> Path | None:
     """The LCM paper's chart: the metric against the number of sampling steps, one line per run, with the
     teacher's DDIM at the same step counts dashed (one black line when it is the same for every run). A second
@@ -295,7 +301,7 @@ def plot_steps_chart(runs, params, family: str, folder: Path, swept: str) -> Pat
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
     steps = sorted({s for _, pts in students for s, _ in pts})
     for ax in axes:
-        for r, pts in students:
+        for r, pts in students:  # (one line per run: `steps_lines`)
             ax.plot(*zip(*pts), marker="o", label=label(r, params))
     ax = axes[0]
     teachers = [by_steps(r.data.metrics, "teacher_ddim", family) for r, _ in students]

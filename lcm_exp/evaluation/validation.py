@@ -25,19 +25,18 @@ PROMPTS = ("a large red circle in the center on a white background",
 
 
 class Validator:
-    def __init__(self, teacher, student, target_unet, num_steps: int, resolution: int, out_dir: str | Path,
+    def __init__(self, teacher, student, target_unet, sampling, resolution: int, out_dir: str | Path,
                  tracker=None, steps=(1, 2, 4), prompts=(), seed: int = 0, w: float = 7.0, unwrap=lambda m: m,
                  dtype: torch.dtype = torch.float32):
-        """`student`: the student kind (its online network and how it samples); `num_steps`: the training grid's
-        N = T // k (the LCMScheduler's original_inference_steps)."""
+        """`student`: the student kind (its online network and guidance scale); `sampling`: how the method's
+        students sample (`lcm_exp.distill.methods.Sampling`)."""
         self.teacher, self.student, self.unwrap = teacher, student, unwrap
         self.student_unet, self.target_unet = student.unet, target_unet
         self.dtype = dtype  # the training's mixed-precision dtype: the UNet and text encoder run under its autocast
         self.resolution, self.out_dir, self.tracker = int(resolution), Path(out_dir), tracker
         self.steps, self.prompts = [int(s) for s in steps] or [1, 2, 4], list(prompts) or list(PROMPTS)
         self.seed, self.w = int(seed), float(w)
-        self.original_inference_steps = int(num_steps)
-        self.scheduler = teacher.consistency_scheduler(self.original_inference_steps, student.timestep_scaling)
+        self.sampling = sampling
         self.last_step: int | None = None
 
     @torch.no_grad()
@@ -46,7 +45,7 @@ class Validator:
         was_training = unet.training
         unet.eval()
         try:
-            pipe = student_pipeline(self.teacher, unet, self.scheduler)
+            pipe = student_pipeline(self.teacher, unet, self.sampling.scheduler, plain=self.sampling.plain)
             rows = []
             for n in self.steps:
                 gen = torch.Generator("cpu").manual_seed(self.seed)
@@ -57,7 +56,8 @@ class Validator:
                 with mixed_precision(unet.device, self.dtype):
                     out = pipe(self.prompts, height=self.resolution, width=self.resolution, num_inference_steps=n,
                                guidance_scale=self.student.guidance_scale(self.w), generator=gen,
-                               latents=latents.to(unet.device, self.teacher.text_encoder.dtype), output_type="latent")
+                               latents=latents.to(unet.device, self.teacher.text_encoder.dtype), output_type="latent",
+                               **self.sampling.kwargs(n))
                 pixels = (self.teacher.decode_latents(out.images.float()).float().cpu() + 1) / 2  # fp32 VAE
                 rows.append((n, to_pil(pixels)))
         finally:

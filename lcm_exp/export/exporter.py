@@ -1,11 +1,13 @@
 """Export a distilled student the way diffusers users load it (safetensors only).
 
 - `student=full`: a pipeline folder (the teacher's VAE, text encoder(s), tokenizer(s), the distilled UNet and
-  the teacher's consistency sampler (an `LCMScheduler` for SD-family teachers) set to the training grid: `original_inference_steps = T // k`, `timestep_scaling`), which
-  `DiffusionPipeline.from_pretrained(folder)` loads and samples in 1-8 steps.
-- `student=lora`: `pytorch_lora_weights.safetensors` (LCM-LoRA) for `pipe.load_lora_weights(folder)` on the base
-  model, and `scheduler/` with the LCMScheduler config for `LCMScheduler.from_pretrained(folder, subfolder=...)`.
-Both folders hold `lcm_exp_export.json` (base model, kind, k). `lcm-exp-export checkpoint=...` exports any
+  the method's sampler: an `LCMScheduler` set to the training grid for LCD and CT (`original_inference_steps = T //
+  k`, `timestep_scaling`), a `TCDScheduler` for TCD and PCM), which `DiffusionPipeline.from_pretrained(folder)`
+  loads and samples in 1-8 steps.
+- `student=lora`: `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder)` on the base model, and
+  `scheduler/` with the method's scheduler config (`<SchedulerClass>.from_pretrained(folder, subfolder=...)`).
+Both folders hold `lcm_exp_export.json` (base model, kind, k, the method, and the pipeline arguments its sampler
+takes at each step count: TCD's `eta`, PCM's and DMD2's `timesteps`). `lcm-exp-export checkpoint=...` exports any
 checkpoint of a run (or a finished run's folder).
 """
 from __future__ import annotations
@@ -21,16 +23,22 @@ log = logging.getLogger(__name__)
 EXPORT_FILE = "lcm_exp_export.json"
 
 
-def export(teacher, student, unet, out_dir: str | Path, num_steps: int, step: int | None = None) -> Path:
+STEP_COUNTS = range(1, 9)  # the step counts whose pipeline arguments an export records
+
+
+def export(teacher, student, unet, out_dir: str | Path, num_steps: int, sampling, step: int | None = None,
+           method: str | None = None) -> Path:
     """Writes the export of `unet` (a trained network of `student`) into `out_dir` (the student kind decides
-    what that is), with `lcm_exp_export.json`; `num_steps`: the training grid's N = T // k. Returns the folder."""
+    what that is), with `lcm_exp_export.json`; `num_steps`: the training grid's N = T // k; `sampling`: how the
+    method's students sample. Returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scheduler = teacher.consistency_scheduler(num_steps, student.timestep_scaling)
-    load = student.export(teacher, getattr(unet, "module", unet), out, scheduler)  # (DDP-wrapped: its module)
-    info = {"kind": student.kind, "base_model": teacher.path, "teacher": teacher.name,
+    scheduler = sampling.scheduler
+    load = student.export(teacher, getattr(unet, "module", unet), out, scheduler, plain=sampling.plain)
+    info = {"kind": student.kind, "base_model": teacher.path, "teacher": teacher.name, "method": method,
             "skip_k": teacher.num_train_timesteps // num_steps, "original_inference_steps": num_steps,
-            "timestep_scaling": scheduler.config.timestep_scaling, "step": step, "load": load}
+            "timestep_scaling": scheduler.config.get("timestep_scaling"), "scheduler": type(scheduler).__name__,
+            "pipeline_arguments": {str(n): sampling.kwargs(n) for n in STEP_COUNTS}, "step": step, "load": load}
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2))
     return out
 
@@ -46,20 +54,21 @@ class Exporter:
             raise invalid("export.model", model, "target (the EMA) or online")
         self.enabled, self.model, self.dir, self.register = enabled, model, dir, register
 
-    def __call__(self, teacher, student, online, target, trainer, tracker, num_steps: int,
-                 sampling: dict) -> Path | None:
-        """`online`, `target`: the trained networks (plain, fp32); `sampling`: the registered model's defaults
-        (`lcm_exp.export.registry.defaults`)."""
+    def __call__(self, teacher, student, online, target, trainer, tracker, num_steps: int, sampling,
+                 defaults: dict, method: str | None = None) -> Path | None:
+        """`online`, `target`: the trained networks (plain, fp32); `sampling`: how the method's students sample;
+        `defaults`: the registered model's defaults (`lcm_exp.export.registry.defaults`)."""
         if not self.enabled:
             return None
         from .registry import register
 
         net = target if self.model == "target" else online
-        folder = export(teacher, student, net, trainer.output_dir / self.dir, num_steps, step=trainer.global_step)
+        folder = export(teacher, student, net, trainer.output_dir / self.dir, num_steps, sampling,
+                        step=trainer.global_step, method=method)
         tracker.log_artifact(folder, "model")
         log.info("exported the %s student (%s) to %s (MLflow artifact `model`)", student.kind, self.model, folder)
         print(f"lcm-exp: exported model: {folder.resolve()}", flush=True)
-        register(self.register, folder, teacher, student, tracker, sampling, teacher.num_train_timesteps // num_steps)
+        register(self.register, folder, teacher, student, tracker, defaults, teacher.num_train_timesteps // num_steps)
         return folder
 
 
@@ -140,6 +149,8 @@ def export_checkpoint(path: str | Path, out: str | Path | None = None, model: st
     unet = ema.averaged() if which == "target" else student.unet
     out = Path(out) if out else (path if path.name.startswith("checkpoint-") else run) / "export"
     skip = instantiate(cfg.skip).for_teacher(teacher.num_train_timesteps)
-    folder = export(teacher, student, unet, out, skip.num_steps, step=step)
+    method = instantiate(cfg.method)
+    sampling = method.sampling(teacher, skip.num_steps, student.timestep_scaling)
+    folder = export(teacher, student, unet, out, skip.num_steps, sampling, step=step, method=cfg.method._target_)
     print(f"lcm-exp-export: exported step {step} ({student.kind}, {which}) to {folder.resolve()}", flush=True)
     return folder

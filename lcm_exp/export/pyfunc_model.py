@@ -21,8 +21,9 @@ PARAMS = ("num_inference_steps", "guidance_scale", "seed", "height", "width")
 
 class LCMImageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        import diffusers
         import torch
-        from diffusers import DiffusionPipeline, LCMScheduler
+        from diffusers import DiffusionPipeline
 
         _quiet()
 
@@ -32,7 +33,8 @@ class LCMImageModel(mlflow.pyfunc.PythonModel):
         if self.config.get("needs_base", self.config.get("kind") == "lora"):  # (kind: versions saved before)
             base = context.artifacts.get("base") or self.config["base_model"]
             pipe = DiffusionPipeline.from_pretrained(base)
-            pipe.scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")
+            scheduler = getattr(diffusers, self.config.get("scheduler") or "LCMScheduler")  # (the method's)
+            pipe.scheduler = scheduler.from_pretrained(export, subfolder="scheduler")
             pipe.load_lora_weights(export)
         else:
             pipe = DiffusionPipeline.from_pretrained(export)
@@ -48,9 +50,11 @@ class LCMImageModel(mlflow.pyfunc.PythonModel):
         p.update({k: v for k, v in (params or {}).items() if k in PARAMS and v is not None})
         # one generator per prompt, all seeded alike: an image depends on its prompt and the seed, not on the batch
         generator = [torch.Generator(self.device).manual_seed(int(p["seed"] or 0)) for _ in prompts]
-        images = self.pipe(prompts, num_inference_steps=int(p["num_inference_steps"]),
-                           guidance_scale=float(p["guidance_scale"]), height=int(p["height"]), width=int(p["width"]),
-                           generator=generator, output_type="pil").images
+        steps = int(p["num_inference_steps"])
+        method = (self.config.get("pipeline_arguments") or {}).get(str(steps), {})  # (TCD's eta, PCM's timesteps)
+        images = self.pipe(prompts, num_inference_steps=steps, guidance_scale=float(p["guidance_scale"]),
+                           height=int(p["height"]), width=int(p["width"]), generator=generator, output_type="pil",
+                           **method).images
         return pd.DataFrame({"prompt": prompts, "image": [_png_base64(im) for im in images]})
 
 

@@ -68,8 +68,12 @@ def save(folder: Path, out: Path, teacher, student, config: dict) -> Path:
     base = Path(str(teacher.path)).expanduser()
     if student.export_needs_base and base.is_dir():
         artifacts["base"] = str(base)
+    import json
+
+    info = json.loads((Path(folder) / "lcm_exp_export.json").read_text())
     config = {**config, "kind": student.kind, "needs_base": student.export_needs_base,
-              "base_model": str(teacher.path), "teacher": teacher.name}
+              "base_model": str(teacher.path), "teacher": teacher.name, "scheduler": info.get("scheduler"),
+              "pipeline_arguments": info.get("pipeline_arguments", {})}
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the copy of local files: no bar
     save_model(str(out), python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts=artifacts,
                model_config=config, signature=signature(config), pip_requirements=requirements(),

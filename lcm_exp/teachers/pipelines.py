@@ -19,21 +19,24 @@ def pipeline_parts(teacher):
     return parts, StableDiffusionPipeline, LatentConsistencyModelPipeline
 
 
-def student_pipeline(teacher, unet, scheduler):
-    """The diffusers pipeline that samples a student with `scheduler` (an LCMScheduler): the LCM pipeline when the
-    student takes w (time_cond_proj_dim); a student without a w input (LCM-LoRA) uses the teacher's pipeline."""
+def student_pipeline(teacher, unet, scheduler, plain: bool = False):
+    """The diffusers pipeline that samples a student with `scheduler`: the LCM pipeline when the student takes w
+    (time_cond_proj_dim); the teacher's own pipeline for a student without a w input (LCM-LoRA) and with `plain`
+    (a sampler that takes `eta` or explicit timesteps: the teacher's pipeline passes them, and feeds the w
+    embedding from guidance_scale - 1 as the LCM pipeline does)."""
     parts, teacher_cls, lcm_cls = pipeline_parts(teacher)
-    cls = lcm_cls if unet.config.time_cond_proj_dim is not None else teacher_cls
+    cls = lcm_cls if unet.config.time_cond_proj_dim is not None and not plain else teacher_cls
     pipe = cls(unet=unet, scheduler=scheduler, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def export_pipeline(teacher, unet, scheduler):
+def export_pipeline(teacher, unet, scheduler, plain: bool = False):
     """A diffusers pipeline around `unet` with the teacher's other components in fp32 (as loaded, not the copies
-    training cast to bf16/fp16): LatentConsistencyModelPipeline (SD 1/2), StableDiffusionXLPipeline (SDXL, which
-    feeds the w embedding itself when the UNet has time_cond_proj_dim)."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionXLPipeline
+    training cast to bf16/fp16): LatentConsistencyModelPipeline (SD 1/2; `plain`: StableDiffusionPipeline, for a
+    sampler that takes `eta` or explicit timesteps), StableDiffusionXLPipeline (SDXL, which feeds the w embedding
+    itself when the UNet has time_cond_proj_dim)."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     vae = teacher.vae  # (never cast: fp32)
     if getattr(teacher, "text_encoder_2", None) is not None:
@@ -41,9 +44,9 @@ def export_pipeline(teacher, unet, scheduler):
                                          text_encoder_2=teacher.fp32("text_encoder_2"), tokenizer=teacher.tokenizer,
                                          tokenizer_2=teacher.tokenizer_2, unet=unet, scheduler=scheduler,
                                          force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
-    return LatentConsistencyModelPipeline(vae=vae, text_encoder=teacher.fp32("text_encoder"),
-                                          tokenizer=teacher.tokenizer, unet=unet, scheduler=scheduler,
-                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionPipeline if plain else LatentConsistencyModelPipeline
+    return cls(vae=vae, text_encoder=teacher.fp32("text_encoder"), tokenizer=teacher.tokenizer, unet=unet,
+               scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def lora_pipeline_class(teacher):

@@ -89,9 +89,21 @@ def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
         x, y = stored[key], current[key]
         if isinstance(x, dict) and isinstance(y, dict):
             out += differences(x, y, f"{prefix}{key}.")
-        elif x != y and not _ignored(prefix + key):
+        elif x != y and not _ignored(prefix + key) and not (key == "_target_" and _same_object(x, y)):
             out.append(f"{prefix}{key}: {x} -> {y}")
     return out
+
+
+def _same_object(a: str, b: str) -> bool:
+    """Two `_target_` paths that name one class or function (a module moved, the old path still works)."""
+    from hydra.utils import get_object
+
+    from ..config.options import current_target
+
+    try:
+        return get_object(current_target(a, warn=False)) is get_object(current_target(b, warn=False))
+    except Exception:  # (a path that no longer imports names another object)
+        return False
 
 
 def _ignored(dotted: str) -> bool:

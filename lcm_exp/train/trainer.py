@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from . import fsdp, ranks, switches
 from .preemption import Preempted, SignalGuard
 from .optim import load_lr_schedule
+from .auxiliary import AuxiliaryNetworks
 from .progress import Window, logs_above, progress_bar, report
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,10 @@ class Trainer:
         return ranks.gathered(self.accelerator, self.sharded, student.unet, ema)
 
     # ------------------------------------------------------------------------------------------------- set-up
-    def prepare(self, lcd, student, ema, optimizer, lr_scheduler) -> None:
-        """Hands the trained parts to accelerate and applies the speed switches."""
+    def prepare(self, step, student, ema, optimizer, lr_scheduler, auxiliary: dict | None = None) -> None:
+        """Hands the trained parts (the method's `auxiliary` networks too) to accelerate; the speed switches."""
         acc = self.accelerator
-        switches.apply(self, student, [lcd.teacher, ema.target])
+        switches.apply(self, student, [step.teacher, ema.target])
         if getattr(student, "skips_parameters", False):  # (stochastic depth: a dropped block's parameters get no
             acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)  # gradient that step)
         if self.sharded:
@@ -126,12 +127,14 @@ class Trainer:
         self.lr_scheduler = lr_scheduler  # (stepped once per optimiser step here: accelerate's steps it once per rank)
         if self.sharded and isinstance(ema, EMA):
             ema.shard(acc.prepare, self.unet)  # (the target: sharded like the student, checkpointed with it)
-            lcd.target = ema.target
+            step.target = ema.target
         self.fsdp_units = fsdp.units(self.unet, ema.target) if self.sharded else []
         acc.register_for_checkpointing(ema)
-        lcd.student, lcd.teacher, lcd.target = (switches.compiled(m, self.compile) for m in (self.unet, lcd.teacher,
-                                                                                           lcd.target))
-        self.lcd, self.ema, self.prepared = lcd, ema, True
+        aux = AuxiliaryNetworks(acc, auxiliary or {}, self.sharded)  # (after the EMA: its checkpoint files follow)
+        step.auxiliary, step.update, self.auxiliary_optimizers = aux.modules, aux.update, list(aux.optimizers.values())
+        step.student, step.teacher, step.target = (switches.compiled(m, self.compile) for m in (
+            self.unet, step.teacher, step.target))
+        self.distill, self.ema, self.prepared = step, ema, True
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
     def resume_from(self, candidates: list[Path]) -> dict:
@@ -156,7 +159,7 @@ class Trainer:
         acc = self.accelerator
         with acc.accumulate(self.unet), acc.autocast():
             latents, cond, uncond = teacher.condition(batch, draws, acc.device)
-            loss = self.lcd.loss(latents.contiguous(memory_format=self.memory_format), cond, uncond, draws)
+            loss = self.distill.loss(latents.contiguous(memory_format=self.memory_format), cond, uncond, draws)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(self.unet.parameters(), max_grad_norm) if acc.sync_gradients else None
             self.optimizer.step()

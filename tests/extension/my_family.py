@@ -14,7 +14,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from lcm_exp.distill.lcd import boundary_scalings
+from lcm_exp.distill.step import boundary_scalings
 from lcm_exp.distill.schedules import bcast
 from lcm_exp.teachers import Teacher
 from lcm_exp.teachers.tiny_random import load

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lcm_exp.distill.methods import Distillation
+from lcm_exp.distill.methods import Auxiliary, Distillation
 from lcm_exp.students import Student, full
 
 
@@ -37,6 +37,31 @@ class Interpolated(Distillation):
         distilled = super().target_point(step, x, cond, uncond)
         estimated = step.schedule.add_noise(x.latents, x.noise, x.t_prev)
         return (1 - self.mix) * distilled + self.mix * estimated
+
+
+class Critic(Distillation):
+    """A method with an auxiliary network: LCD plus an adversarial term. A small critic learns to tell the
+    target's consistency outputs from the online student's (hinge loss, its own Adam optimiser, one update per
+    micro-step); the student's loss adds `weight` · softplus(−critic(f_θ))."""
+
+    def __init__(self, weight: float, lr: float):
+        self.weight, self.lr = float(weight), float(lr)
+
+    def auxiliary(self, teacher, student):
+        channels = teacher.unet.config.in_channels
+        critic = torch.nn.Sequential(torch.nn.Conv2d(channels, 8, 3, padding=1), torch.nn.SiLU(),
+                                     torch.nn.Conv2d(8, 1, 3, padding=1))
+        return {"critic": Auxiliary(critic, lambda params: torch.optim.Adam(params, lr=self.lr))}
+
+    def loss(self, step, latents, cond, uncond, draws):
+        x = step.noised(latents, draws)
+        f_target = step.target_fn(x, step.solver_step(x, cond, uncond), cond)
+        f_online = step.online(x, cond)
+        critic = step.auxiliary["critic"]
+        real, fake = critic(f_target.detach().float()), critic(f_online.detach().float())
+        step.update("critic", torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+        adversarial = torch.nn.functional.softplus(-critic(f_online.float())).mean()
+        return step.distance(f_online.float(), f_target.float()) + self.weight * adversarial
 
 
 class Constant:

@@ -1,18 +1,21 @@
-"""Latent consistency distillation: one training step, as LCM (Luo et al. 2023) Algorithm 1 states it.
+"""The parts one training step of a few-step distillation method works with, and the math they share: the
+networks (online student f_θ, its target f_θ⁻, the frozen teacher), the teacher's noise schedule, the solver,
+the skip-step grid, the guidance sampler and the distance; the consistency function, the teacher's guided
+prediction, the step's draws and the noisy latents. The method (`lcm_exp.distill.methods`) says what the step
+computes from them: `Step.loss` is its loss.
 
 Equation numbers refer to the LCM paper (arXiv:2310.04378); "CM" to Song et al.
 2023, Consistency Models (arXiv:2303.01469).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
 
 from .draws import Draws
 from .guidance import guidance_embedding
-from .methods import Distillation
 from .schedules import bcast as _bcast
 from .schedules import x0_and_eps  # noqa: F401  (re-exported: the math of eq. 1 next to the step that uses it)
 from .skip import SkipSchedule
@@ -50,8 +53,8 @@ def _cat_cond(cond: dict, uncond: dict) -> dict:
 
 
 @dataclass
-class LCD:
-    """The parts of latent consistency distillation; `loss(...)` is one step of Algorithm 1."""
+class Step:
+    """The parts of a distillation step; `loss(...)` is the method's loss for one micro-step."""
 
     student: torch.nn.Module  # f_θ, the online consistency model (a UNet with time_cond_proj_dim)
     target: torch.nn.Module  # f_θ⁻, EMA of the student
@@ -67,10 +70,15 @@ class LCD:
     teacher_dtype: torch.dtype = torch.float32
     batched_cfg: bool = False  # one teacher forward on [cond; uncond] instead of two
     teacher_first: bool = False  # the no-grad teacher/target passes before the online forward (same loss)
-    method: object = None  # where the target point is taken (conf/method); None: distillation (LCM Alg. 1)
+    method: object = None  # what the step computes (conf/method); None: latent consistency distillation
+    auxiliary: dict = field(default_factory=dict)  # the method's other trained networks, by name (prepared)
+    update: Callable | None = None  # update(name, loss): one optimiser step of an auxiliary network (the trainer's)
 
     def __post_init__(self):
-        self.method = self.method or Distillation()
+        if self.method is None:
+            from .methods.lcd import Distillation
+
+            self.method = Distillation()
 
     def _frozen(self, net, z, t, cond, **kw):
         """A no-grad pass of the teacher or the target: natively in its own low precision when it has one."""
@@ -143,20 +151,21 @@ class LCD:
         """The online consistency function f_θ(z_{t_{n+k}}, ω, c, t_{n+k}) (eq. 7)."""
         return self.consistency_fn(self.student, x.z_t, x.t, x.w_emb, cond)
 
-    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, draws: Draws):
-        """One LCD step on encoded latents z = E(x) and text conditions c (Algorithm 1), its draws from `draws`.
-        The loss is a mean over the batch."""
-        x = self.noised(latents, draws)
-        # The no-grad passes (teacher, target) run before the online forward when `teacher_first`: the same
-        # numbers, but the student's saved activations are not held across the teacher's batch (lower peak
-        # memory) and are still warm in cache when the backward pass starts.
-        if not self.teacher_first:
-            f_online = self.online(x, cond)
-        f_target = self.target_fn(x, self.solver_step(x, cond, uncond), cond)
-        if self.teacher_first:
-            f_online = self.online(x, cond)
-        # L = d(f_θ, f_θ⁻) (eq. 8), l2 or pseudo-Huber.
-        return self.distance(f_online.float(), f_target.float())
+    def frozen(self, net, z, t, cond, **kw) -> torch.Tensor:
+        """A no-grad pass of a frozen network (the teacher, the target), natively in its own low precision."""
+        with torch.no_grad():
+            return self._frozen(net, z, t, cond, **kw)
+
+    def loss(self, latents: torch.Tensor, cond: dict, uncond: dict, draws: Draws) -> torch.Tensor:
+        """The method's loss for one micro-step on encoded latents z = E(x) and text conditions c, its draws from
+        `draws` (a mean over the batch). A method without its own `loss` (one written for lcm_exp < 0.2, with
+        `target_point` only) gets latent consistency distillation's."""
+        own = getattr(self.method, "loss", None)
+        if own is None:
+            from .methods.lcd import Distillation
+
+            return Distillation.loss(self.method, self, latents, cond, uncond, draws)
+        return own(self, latents, cond, uncond, draws)
 
 
 class Noised(NamedTuple):
