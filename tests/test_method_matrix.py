@@ -1,8 +1,9 @@
 """Every method where LCD works (issue 27): for TCD, PCM and DMD2 each, a run resumed from a checkpoint logs the
 uninterrupted run's losses and ends with its weights (the auxiliary network and its optimiser included); two
-ranks log one rank's losses at the same global batch; bf16 on an SD-2.1-shaped (v-prediction) teacher with a
-LoRA student and on an SDXL-shaped teacher with a full student trains, and each export loads in plain diffusers
-with the method's scheduler and samples."""
+ranks log one rank's losses at the same global batch, under DDP and FSDP (DMD2's fake score under FSDP is
+refused, saying what to do); bf16 on an SD-2.1-shaped (v-prediction) teacher with a LoRA student and on an
+SDXL-shaped teacher with a full student trains, and each export loads in plain diffusers with the method's
+scheduler and samples."""
 from __future__ import annotations
 
 import json
@@ -49,9 +50,16 @@ def test_a_resume_continues_the_method_exactly(tmp_path, uninterrupted):
     assert same_weights(final_weights(tmp_path), final_weights(through))
 
 
-def test_two_ranks_follow_one(tmp_path, uninterrupted):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_follow_one(tmp_path, uninterrupted, strategy):
     method, through = uninterrupted
-    torchrun([*RUN, f"method={method}", "trainer.max_steps=3", "trainer.checkpoint_every=0"], tmp_path)
+    args = [*RUN, f"method={method}", "trainer.max_steps=3", "trainer.checkpoint_every=0",
+            f"trainer.strategy={strategy}"]
+    if method == "dmd2" and strategy == "fsdp":  # an auxiliary network under FSDP is refused, saying what to do
+        r = torchrun(args, tmp_path, expect=None)
+        assert r.returncode != 0 and "use trainer.strategy=ddp" in r.stdout + r.stderr
+        return
+    torchrun(args, tmp_path)
     one, two = losses(through), losses(tmp_path)
     for step in (1, 2, 3):
         assert math.isclose(one[step], two[step], rel_tol=RTOL), (method, step, one[step], two[step])
