@@ -3,7 +3,6 @@ trains, and how its students sample. A method is one class (in any module, named
 
     method.loss(step, latents, cond, uncond, draws) -> loss   the student's loss for one micro-step (`step`: the
                                                              `lcm_exp.distill.step.Step`, its networks and math)
-    method.uses_teacher                                       whether the loss calls the teacher's UNet
     method.init_student(student)                              before training (e.g. random weights)
     method.auxiliary(teacher, student) -> {name: Auxiliary}   other networks it trains, each with its optimiser
                                                              (DMD2's fake score); `step.update(name, loss)` steps one

@@ -34,8 +34,6 @@ class Sampling:
 class Method:
     """The defaults of the method interface (see the module docstring)."""
 
-    uses_teacher = True
-
     def init_student(self, student) -> None:
         pass
 

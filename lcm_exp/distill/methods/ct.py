@@ -12,8 +12,6 @@ class ConsistencyTraining(Distillation):
     the same ε as z_{t_{n+k}}. The teacher still encodes images and prompts. `from_scratch`: the student starts
     from random weights instead of the teacher's."""
 
-    uses_teacher = False
-
     def __init__(self, from_scratch: bool):
         self.from_scratch = bool(from_scratch)
 
